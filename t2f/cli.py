@@ -1,0 +1,39 @@
+"""The `t2f` console script: one entry point, one subcommand per tool.
+
+Each subcommand lives in its own module and exposes `main(argv) -> int`; this file only
+routes, so `t2f --help` stays fast (modules import torch only when their command runs).
+"""
+
+import importlib
+import sys
+
+# name -> (module implementing `main(argv)`, one-line help)
+COMMANDS = {
+    "convert": ("t2f.models.convert", "convert a StyleGAN2 checkpoint (NVlabs .pkl, rosinality .pt) to t2f safetensors"),
+    "bench": ("t2f.bench", "benchmarks that print fast-path / reference ratios (ops, generator, data, train)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: t2f COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `t2f COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"t2f: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

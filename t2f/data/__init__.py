@@ -1,0 +1,1 @@
+"""Data: source readers, WebDataset shard writer and streaming loader, recaptioner vocabulary."""

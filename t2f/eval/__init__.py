@@ -1,0 +1,1 @@
+"""Evaluation: FID (clean-fid), LPIPS and text consistency."""

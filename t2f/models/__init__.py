@@ -1,0 +1,1 @@
+"""Models: frozen text encoder, CA head, mapping and synthesis networks, recaptioner, checkpoint loading."""
