@@ -155,7 +155,7 @@ def from_dict(cls, tree: dict, prefix: str = ""):
     unknown = sorted(set(tree) - set(fields))
     if unknown:
         where = prefix.rstrip(".") or "the top level"
-        raise ConfigError(f"unknown key {prefix}{unknown[0]!r} in {where}; valid keys: {', '.join(fields)}")
+        raise ConfigError(f"unknown key {prefix + unknown[0]!r} in {where}; valid keys: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in tree.items()}
     return cls(**kwargs)
