@@ -124,6 +124,22 @@ class WandbConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:  # `t2f eval` and the periodic evaluation (t2f/eval/evaluate.py)
+    metrics: str = "fid,lpips,diversity,bleu"  # comma list; toy shards add attributes,toy_fid
+    protocol: str = "one"  # one: first caption of each test image | all: every caption
+    max_images: int = 0  # test images for `t2f eval`; 0 = the whole split
+    subset: int = 500  # test images for the periodic evaluation during training
+    batch_size: int = 16  # per process
+    seed: int = 0
+    truncation_psi: float = 1.0
+    resolution: int = 0  # compare at this size (generated images are resized); 0 = data.resolution
+    inception: str = ""  # inception-2015-12-05.pt; empty = $T2F_CACHE, then clean-fid's /tmp
+    lpips_alexnet: str = ""  # alexnet-owt-7be5be79.pth; empty = the torch hub cache
+    lpips_linear: str = ""  # LPIPS v0.1 alex.pth; empty = the copy inside the lpips package
+    stats_cache: str = ""  # real FID statistics; empty = $T2F_CACHE/fid_stats or ~/.cache/t2f/fid_stats
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
