@@ -1,0 +1,237 @@
+"""Shard builder: the three source layouts round-trip, bad input is refused or skipped with a
+record, verify catches a changed byte, and a rebuild rewrites only what is missing."""
+
+import json
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from t2f.data import shards
+from t2f.data.shards import build_shards, read_manifest
+from t2f.data.sources import SampleSpec
+from t2f.data.vocab import Vocab
+
+ATTRS = ["Smiling", "Eyeglasses", "Male"]
+
+
+def caption_lines(i, n=10, split="train"):
+    return [f"face {i} caption {k} {split}word{i}" for k in range(n)]
+
+
+def save_image(path, i, size=24):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.full((size, size, 3), (i * 7) % 256, dtype=np.uint8)
+    pixels[: size // 2, :, 1] = 200
+    Image.fromarray(pixels).save(path)
+
+
+def make_mmcelebahq(root, n_train=12, n_test=5):
+    ids = {"train": [str(i) for i in range(n_train)], "test": [str(i) for i in range(n_train, n_train + n_test)]}
+    anno = [str(n_train + n_test), " ".join(ATTRS)]
+    for split, split_ids in ids.items():
+        (root / split).mkdir(parents=True)
+        (root / split / "filenames.pickle").write_bytes(pickle.dumps(split_ids, protocol=2))
+        for i in split_ids:
+            save_image(root / "CelebA-HQ-img" / f"{i}.jpg", int(i))
+            (root / "celeba-caption").mkdir(exist_ok=True)
+            (root / "celeba-caption" / f"{i}.txt").write_text("\n".join(caption_lines(i, split=split)) + "\n")
+            anno.append(f"{i}.jpg " + " ".join("1" if (int(i) + k) % 2 else "-1" for k in range(len(ATTRS))))
+    (root / "CelebAMask-HQ-attribute-anno.txt").write_text("\n".join(anno) + "\n")
+    return ids
+
+
+def make_celebatext(root, n_train=9, n_test=4):
+    ids = {"train": [f"{i:05d}" for i in range(n_train)], "test": [f"{i:05d}" for i in range(n_train, n_train + n_test)]}
+    (root / "data_flist").mkdir(parents=True)
+    (root / "captions").mkdir()
+    for split, split_ids in ids.items():
+        (root / "data_flist" / f"{split}.flist").write_text("".join(f"{i}.jpg\n" for i in split_ids))
+        for i in split_ids:
+            save_image(root / "CelebAimg" / f"{i}.jpg", int(i))
+            (root / "captions" / f"{i}.txt").write_text("\n".join(caption_lines(i, split=split)))
+    return ids
+
+
+def read_shard_samples(out, split):
+    """{id: json} and {id: image size} of every sample in a split's shards, read back with tarfile."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    metas, sizes = {}, {}
+    for entry in manifest["splits"][split]["shards"]:
+        with tarfile.open(out / entry["name"]) as tar:
+            for member in tar.getmembers():
+                data = tar.extractfile(member).read()
+                if member.name.endswith(".json"):
+                    meta = json.loads(data)
+                    metas[meta["id"]] = meta
+                elif member.name.endswith((".png", ".jpg")):
+                    sizes[member.name.split(".")[0]] = Image.open(tarfile.io.BytesIO(data)).size
+    return metas, sizes
+
+
+def run_build(*args):
+    return shards.main(["build", *map(str, args)])
+
+
+def test_mmcelebahq_round_trip_and_verify(tmp_path, capsys):
+    ids = make_mmcelebahq(tmp_path / "mm")
+    out = tmp_path / "out"
+    assert run_build("--source", "mmcelebahq", "--root", tmp_path / "mm", "--out", out,
+                     "--resolution", 16, "--shard-size", 5, "--workers", 2) == 0
+    manifest = read_manifest(out)
+    assert [e["name"] for e in manifest["splits"]["train"]["shards"]] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert manifest["splits"]["train"]["count"] == 12 and manifest["splits"]["test"]["count"] == 5
+    assert manifest["resolution"] == 16 and manifest["image_format"] == "png" and manifest["attributes"] == ATTRS
+    for split in ("train", "test"):
+        metas, sizes = read_shard_samples(out, split)
+        assert sorted(metas, key=int) == ids[split]
+        assert all(size == (16, 16) for size in sizes.values())
+        for i, meta in metas.items():
+            assert meta["captions"] == caption_lines(i, split=split) and meta["split"] == split
+            assert meta["attributes"] == {a: int((int(i) + k) % 2 == 1) for k, a in enumerate(ATTRS)}
+    vocab = Vocab.load(out / manifest["vocab"])
+    assert "trainword0" in vocab.stoi and "testword12" not in vocab.stoi  # train captions only
+
+    assert shards.main(["verify", str(out)]) == 0
+    victim = out / "train-000001.tar"
+    data = bytearray(victim.read_bytes())
+    data[1000] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert shards.main(["verify", str(out)]) == 1
+    assert "train-000001.tar: sha256 differs" in capsys.readouterr().err
+
+
+def test_celebatext_round_trip_as_jpeg(tmp_path):
+    ids = make_celebatext(tmp_path / "ct")
+    out = tmp_path / "out"
+    assert run_build("--source", "celebatext", "--root", tmp_path / "ct", "--out", out, "--resolution", 8,
+                     "--format", "jpg", "--quality", 90, "--shard-size", 4, "--workers", 0) == 0
+    manifest = read_manifest(out)
+    assert manifest["image_format"] == "jpg" and manifest["attributes"] == []
+    for split in ("train", "test"):
+        metas, sizes = read_shard_samples(out, split)
+        assert sorted(metas) == ids[split] and set(sizes.values()) == {(8, 8)}
+        assert metas[ids[split][0]]["captions"] == caption_lines(ids[split][0], split=split)
+        assert "attributes" not in metas[ids[split][0]]
+
+
+def test_jsonl_round_trip_with_attributes_and_limit(tmp_path):
+    lines = []
+    for i in range(10):
+        save_image(tmp_path / "img" / f"p{i}.png", i)
+        lines.append(json.dumps({"image": f"img/p{i}.png", "captions": [f"person {i}", f"someone {i}"],
+                                 "split": "train" if i < 7 else "val", "attributes": {"Smiling": 1 if i % 2 else -1}}))
+    (tmp_path / "faces.jsonl").write_text("\n".join(lines))
+    out = tmp_path / "out"
+    assert run_build("--source", "jsonl", "--manifest", tmp_path / "faces.jsonl", "--out", out,
+                     "--resolution", 16, "--limit", 5, "--workers", 0) == 0
+    manifest = read_manifest(out)
+    assert {k: v["count"] for k, v in manifest["splits"].items()} == {"train": 5, "val": 3}
+    metas, _ = read_shard_samples(out, "val")
+    assert metas["p8"]["captions"] == ["person 8", "someone 8"] and metas["p8"]["attributes"] == {"Smiling": 0}
+
+
+def make_bad_dataset(root):
+    """MM-CelebA-HQ layout with one sample broken in each way the issue lists."""
+    make_mmcelebahq(root, n_train=12, n_test=3)
+    caps = root / "celeba-caption"
+    (root / "CelebA-HQ-img" / "1.jpg").unlink()  # id in a split file with no image
+    (root / "CelebA-HQ-img" / "2.jpg").write_bytes(b"this is not a jpeg")  # unreadable image
+    (caps / "3.txt").unlink()  # missing caption file
+    (caps / "4.txt").write_text("\n \n")  # empty caption file
+    (caps / "5.txt").write_text("only one caption\n")  # fewer captions than expected
+    (caps / "6.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 10)  # not UTF-8
+    return {"1": "no image", "2": "unreadable image", "3": "missing caption file", "4": "empty caption file",
+            "5": "only 1 captions, expected at least 10", "6": "is not UTF-8"}
+
+
+def test_bad_input_is_listed_and_nothing_written(tmp_path, capsys):
+    expected = make_bad_dataset(tmp_path / "mm")
+    out = tmp_path / "out"
+    assert run_build("--source", "mmcelebahq", "--root", tmp_path / "mm", "--out", out, "--workers", 0) == 1
+    err = capsys.readouterr().err
+    assert "6 bad sample(s)" in err and "--skip-bad" in err
+    for sample_id, reason in expected.items():
+        line = next(line for line in err.splitlines() if line.strip().startswith(f"{sample_id} (train)"))
+        assert reason in line
+    assert not out.exists()
+
+    assert run_build("--source", "mmcelebahq", "--root", tmp_path / "mm", "--out", out, "--workers", 0,
+                     "--resolution", 8, "--skip-bad") == 0
+    manifest = read_manifest(out)
+    skipped = {s["id"]: s["reason"] for s in manifest["skipped"]}
+    assert set(skipped) == set(expected) and all(expected[i] in skipped[i] for i in expected)
+    assert manifest["splits"]["train"]["count"] == 12 - 6
+
+
+def test_image_that_fails_to_decode_leaves_no_shard_and_no_finished_manifest(tmp_path, capsys):
+    make_mmcelebahq(tmp_path / "mm", n_train=6, n_test=2)
+    good = (tmp_path / "mm" / "CelebA-HQ-img" / "3.jpg")
+    big = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(big).save(good, quality=95)
+    good.write_bytes(good.read_bytes()[:800])  # header intact, scan data truncated
+    out = tmp_path / "out"
+    args = ["--source", "mmcelebahq", "--root", tmp_path / "mm", "--out", out, "--shard-size", 3, "--resolution", 8, "--workers", 0]
+    assert run_build(*args) == 1
+    assert "3 (train): image could not be decoded" in capsys.readouterr().err
+    assert not (out / "train-000001.tar").exists() and not list(out.glob(".*tmp*"))
+    with pytest.raises(ValueError, match="unfinished build"):
+        read_manifest(out)
+    assert run_build(*args, "--skip-bad") == 0
+    assert read_manifest(out)["splits"]["train"]["count"] == 5
+
+
+def test_rebuild_rewrites_only_the_deleted_shard(tmp_path):
+    make_mmcelebahq(tmp_path / "mm", n_train=12, n_test=3)
+    out = tmp_path / "out"
+    args = ["--source", "mmcelebahq", "--root", tmp_path / "mm", "--out", out, "--shard-size", 4, "--resolution", 8, "--workers", 0]
+    assert run_build(*args) == 0
+    first = read_manifest(out)
+    names = sorted(p.name for p in out.glob("*.tar"))
+    before = {n: (out / n).stat().st_mtime_ns for n in names}
+    (out / "train-000001.tar").unlink()
+    assert run_build(*args) == 0
+    after = {n: (out / n).stat().st_mtime_ns for n in names}
+    assert [n for n in names if after[n] != before[n]] == ["train-000001.tar"]
+    assert read_manifest(out)["splits"] == first["splits"]  # rewritten byte for byte
+    assert shards.main(["verify", str(out)]) == 0
+
+
+def test_api_with_in_memory_images_and_text_features(tmp_path):
+    class StubEncoder:  # the writer needs only .name and .encode
+        name, dim = "stub", 4
+
+        def encode(self, captions):
+            import torch
+
+            return torch.tensor([[len(c), 1.0, 2.0, 3.0] for c in captions])
+
+    specs = [SampleSpec(f"s.{i}", np.full((12, 12, 3), i, np.uint8), ["a" * (i + 1), "bb"], "train") for i in range(5)]
+    manifest = build_shards(specs, tmp_path / "out", resolution=12, shard_size=2, text_encoder=StubEncoder(), progress=False)
+    assert manifest["text_encoder"] == {"name": "stub", "dim": 4, "dtype": "float16", "file": "text.npy"}
+    with tarfile.open(tmp_path / "out" / "train-000001.tar") as tar:
+        names = tar.getnames()
+        rows = np.load(tarfile.io.BytesIO(tar.extractfile("s_2.text.npy").read()))
+    assert names == ["s_2.json", "s_2.png", "s_2.text.npy", "s_3.json", "s_3.png", "s_3.text.npy"]
+    assert rows.dtype == np.float16 and rows[:, 0].tolist() == [3.0, 2.0]
+
+
+def test_cli_stores_features_of_the_packaged_text_encoder(tmp_path):
+    make_celebatext(tmp_path / "ct", n_train=3, n_test=1)
+    out = tmp_path / "out"
+    assert run_build("--source", "celebatext", "--root", tmp_path / "ct", "--out", out, "--resolution", 8,
+                     "--text-encoder", "all-MiniLM-L6-v2", "--local-files-only", "--workers", 0) == 0
+    assert read_manifest(out)["text_encoder"]["dim"] == 384
+    with tarfile.open(out / "train-000000.tar") as tar:
+        rows = np.load(tarfile.io.BytesIO(tar.extractfile("00000.text.npy").read()))
+    assert rows.shape == (10, 384) and rows.dtype == np.float16
+
+
+def test_missing_layout_names_the_paths_tried(tmp_path, capsys):
+    (tmp_path / "mm" / "CelebA-HQ-img").mkdir(parents=True)
+    assert run_build("--source", "mmcelebahq", "--root", tmp_path / "mm", "--out", tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "no caption folder" in err and "celeba-caption" in err and "captions" in err
