@@ -1,0 +1,314 @@
+"""Streaming WebDataset loader for DDP training and evaluation, over shards from t2f/data/shards.py.
+
+    loader = make_train_loader("shards/mmcelebahq", "train", batch_size=12, resolution=256, vocab=vocab,
+                               rank=accelerator.process_index, world_size=accelerator.num_processes,
+                               num_workers=4, seed=cfg.train.seed, epoch=0)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:  # exactly len(loader) batches on every rank
+            batch["image"]     # (B, 3, H, W) float32 in [-1, 1]
+            batch["tokens"]    # (B, T) long: <bos> words <eos> <pad>...  for the recaptioner
+            batch["caption"]   # list[str], one caption per image, re-drawn every epoch
+            # "text_features" (B, D) float32 when the shards store them, "attributes" (B, A) in {0, 1}
+            # when the dataset has labels, "key" list[str]; eval batches add "all_captions".
+
+The pipeline is one explicit list of stages (`_train_stages`, `_eval_stages`):
+shard urls from the manifest -> resampled shards, or shuffled by (seed, epoch) then split by node
+then by worker -> tar to samples (a worker cycles its own shards in training) -> shuffle buffer
+seeded by (seed, epoch, rank, worker) -> decode to [-1, 1] -> pick one caption -> tokenise ->
+batch. Corrupt samples are skipped, counted in `loader.corrupt_skipped` and warned about; they
+never stop a run. Rank and world size are explicit arguments, not torch.distributed globals.
+
+Why the loader is not passed to `accelerator.prepare`: it is already split by rank here, and
+prepare would split it a second time (each rank would see 1/world_size of its own share). In
+training every rank yields exactly `len(loader)` batches (`with_epoch`), so DDP never waits on a
+rank that ran out. Eval loaders read each sample exactly once across all ranks and keep the
+partial last batch; ranks may then get different batch counts, so gather results after the loop.
+"""
+
+import io
+import itertools
+import json
+import math
+import random
+import warnings
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from t2f.data.manifest import read_manifest
+
+__all__ = ["make_train_loader", "make_eval_loader", "read_manifest", "ShardLoader"]
+MAX_CONSECUTIVE_CORRUPT = 1000  # in training a stream that is all corrupt would otherwise spin forever
+
+
+class ShardLoader:
+    """Iterates a DataLoader over a WebDataset pipeline; adds epoch control and the corrupt count."""
+
+    def __init__(self, pipeline, num_workers: int, num_batches: int, state: dict):
+        self.batches_per_epoch = num_batches
+        self.corrupt_skipped = 0
+        self._state = state
+        # Own generator: creating an iterator draws a base seed, which would otherwise advance the
+        # global torch RNG and make a resumed run's CA noise differ from an uninterrupted one.
+        self._loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
+                                                   pin_memory=torch.cuda.is_available(),
+                                                   generator=torch.Generator().manual_seed(0))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-seed shard order, shuffle buffer and caption choice (workers restart every epoch)."""
+        self._state["epoch"] = int(epoch)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self):
+        for batch in self._loader:
+            self.corrupt_skipped += int(batch.pop("_corrupt", 0))
+            if "image" in batch:  # a batch of only "_corrupt" reports skips at the end of a stream
+                yield batch
+
+
+def make_train_loader(shards_dir, split, *, batch_size, resolution, vocab, rank=0, world_size=1, num_workers=0,
+                      seed=0, epoch=0, resampled=False, shuffle_buffer=1000, max_tokens=50) -> ShardLoader:
+    """Shuffled training batches of exactly `batch_size`, the same number on every rank."""
+    manifest, urls, total = _split_shards(shards_dir, split)
+    readers = world_size * max(1, num_workers)
+    if not resampled and len(urls) < readers:
+        raise ValueError(f"split {split!r} in {shards_dir} has {len(urls)} shards, but {world_size} rank(s) x "
+                         f"{max(1, num_workers)} worker(s) need at least {readers} (one each); rebuild with a smaller "
+                         "--shard-size, use fewer data.num_workers, or set data.resampled=true")
+    state = {"epoch": int(epoch)}
+    per_worker = math.ceil(math.ceil(total / (batch_size * world_size)) / max(1, num_workers))
+    stages = _train_stages(manifest, urls, state, rank, world_size, seed, resampled, shuffle_buffer) + \
+        _sample_stages(manifest, resolution, vocab, max_tokens, batch_size, state, seed, train=True)
+    pipeline = wds.DataPipeline(*stages).with_epoch(nbatches=per_worker)
+    return ShardLoader(pipeline, num_workers, per_worker * max(1, num_workers), state)
+
+
+def make_eval_loader(shards_dir, split, *, batch_size, resolution, vocab, rank=0, world_size=1, num_workers=0,
+                     max_tokens=50) -> ShardLoader:
+    """Every sample exactly once across ranks, in a fixed order, first caption, partial last batch."""
+    manifest, urls, _ = _split_shards(shards_dir, split)
+    counts = [e["count"] for e in _shard_entries(manifest, split)]
+    mine = _islice_list(list(zip(urls, counts)), rank, world_size)
+    workers = max(1, num_workers)
+    num_batches = sum(math.ceil(sum(c for _, c in _islice_list(mine, w, workers)) / batch_size) for w in range(workers))
+    state = {"epoch": 0}
+    stages = [partial(_url_list, urls, None, state), partial(_split_by_node, rank=rank, world_size=world_size),
+              _split_by_worker, partial(_read_shards, forever=False, seed=0, state=state, rank=rank)]
+    stages += _sample_stages(manifest, resolution, vocab, max_tokens, batch_size, state, 0, train=False)
+    return ShardLoader(wds.DataPipeline(*stages), num_workers, num_batches, state)
+
+
+def _train_stages(manifest, urls, state, rank, world_size, seed, resampled, shuffle_buffer) -> list:
+    if resampled:
+        shards = [partial(_resampled_urls, urls, seed, state, rank), wds.tarfile_to_samples(handler=_warn_skip)]
+    else:
+        shards = [partial(_url_list, urls, seed, state), partial(_split_by_node, rank=rank, world_size=world_size),
+                  _split_by_worker, partial(_read_shards, forever=True, seed=seed, state=state, rank=rank)]
+    return shards + [partial(_shuffle, bufsize=shuffle_buffer, seed=seed, state=state, rank=rank)]
+
+
+def _sample_stages(manifest, resolution, vocab, max_tokens, batch_size, state, seed, train) -> list:
+    counter = _CorruptCounter(MAX_CONSECUTIVE_CORRUPT if train else None)
+    features = manifest.get("text_encoder") is not None
+    return [partial(_decode, resolution=resolution, counter=counter, features=features),
+            partial(_pick_caption, vocab=vocab, max_tokens=max_tokens, seed=seed, state=state, train=train),
+            partial(_batch, batch_size=batch_size, vocab=vocab, attribute_names=manifest.get("attributes") or [],
+                    counter=counter, keep_partial=not train)]
+
+
+# ---------------------------------------------------------------------------- shard stages
+
+
+def _split_shards(shards_dir, split):
+    manifest = read_manifest(shards_dir)
+    if split not in manifest["splits"]:
+        raise ValueError(f"split {split!r} is not in {Path(shards_dir) / 'manifest.json'}; "
+                         f"it has: {', '.join(manifest['splits']) or 'none'}")
+    urls = [str(Path(shards_dir) / e["name"]) for e in _shard_entries(manifest, split)]
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}; "
+                                f"re-run the build command or `t2f shards verify {shards_dir}`")
+    total = manifest["splits"][split]["count"]
+    if not urls or total == 0:
+        raise ValueError(f"split {split!r} in {shards_dir} holds no samples")
+    return manifest, urls, total
+
+
+def _shard_entries(manifest, split):
+    return manifest["splits"][split]["shards"]
+
+
+def _islice_list(items: list, index: int, count: int) -> list:
+    return items[index::count]
+
+
+def _worker_id():
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def _rng(*parts) -> random.Random:
+    return random.Random("-".join(map(str, parts)))  # str seeds hash stably across processes
+
+
+def _url_list(urls, seed, state):
+    """The split's shards: manifest order for eval, shuffled by (seed, epoch) for training (the
+    same order on every rank, so the node split below is a partition)."""
+    order = list(urls)
+    if seed is not None:
+        _rng(seed, state["epoch"]).shuffle(order)
+    yield from ({"url": u} for u in order)
+
+
+def _resampled_urls(urls, seed, state, rank):
+    rng = _rng(seed, state["epoch"], rank, *_worker_id())
+    while True:
+        yield {"url": rng.choice(urls)}
+
+
+def _split_by_node(src, rank, world_size):
+    yield from itertools.islice(src, rank, None, world_size)
+
+
+def _split_by_worker(src):
+    worker, workers = _worker_id()
+    yield from itertools.islice(src, worker, None, workers)
+
+
+def _read_shards(src, forever, seed, state, rank):
+    """Tar members grouped into samples. In training a worker cycles its own shards (reshuffled
+    each pass) until `with_epoch` ends the epoch, so a worker with few samples never runs short."""
+    urls = [item["url"] for item in src]
+    rng = _rng(seed, state["epoch"], rank, *_worker_id(), "cycle")
+    for cycle in itertools.count():
+        found = 0
+        for sample in wds.tarfile_samples([{"url": u} for u in urls], handler=_warn_skip):
+            found += 1
+            yield sample
+        if not forever:
+            return
+        if found == 0:
+            raise RuntimeError(f"no readable sample in shards {urls}; check them with `t2f shards verify`")
+        rng.shuffle(urls)
+
+
+def _warn_skip(exn) -> bool:
+    warnings.warn(f"skipping unreadable shard data: {exn!r}")
+    return True
+
+
+def _shuffle(src, bufsize, seed, state, rank):
+    """Buffer shuffle seeded by (seed, epoch, rank, worker): reproducible, different per reader."""
+    rng = _rng(seed, state["epoch"], rank, *_worker_id(), "buffer")
+    buffer = []
+    for sample in src:
+        if len(buffer) < bufsize:
+            buffer.append(sample)
+            continue
+        i = rng.randrange(bufsize)
+        buffer[i], sample = sample, buffer[i]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+# ---------------------------------------------------------------------------- sample stages
+
+
+class _CorruptCounter:
+    """Per worker: corrupt samples since the last batch (reported to the main process in it)."""
+
+    def __init__(self, limit):
+        self.pending, self.consecutive, self.limit = 0, 0, limit
+
+    def skip(self, sample, err) -> None:
+        self.pending += 1
+        self.consecutive += 1
+        warnings.warn(f"skipping corrupt sample {sample.get('__key__')} in {sample.get('__url__')}: {err!r}")
+        if self.limit and self.consecutive >= self.limit:
+            raise RuntimeError(f"the last {self.limit} samples were all corrupt; check the shards with `t2f shards verify`")
+
+    def take(self) -> int:
+        count, self.pending = self.pending, 0
+        return count
+
+
+def _decode(src, resolution, counter, features):
+    for sample in src:
+        try:
+            yield _decode_one(sample, resolution, features)
+            counter.consecutive = 0
+        except Exception as err:  # any malformed member: skip the sample, never the run
+            counter.skip(sample, err)
+
+
+def _decode_one(sample, resolution, features) -> dict:
+    from PIL import Image
+
+    meta = json.loads(sample["json"])
+    data = sample.get("png") or sample.get("jpg")
+    if data is None:
+        raise ValueError("no .png or .jpg member")
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+    if im.size != (resolution, resolution):
+        im = im.resize((resolution, resolution), Image.LANCZOS)
+    pixels = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+    out = {"key": meta["id"], "image": pixels, "captions": list(meta["captions"]),
+           "attributes": meta.get("attributes")}
+    if not out["captions"]:
+        raise ValueError("no captions")
+    if features:
+        rows = np.load(io.BytesIO(sample["text.npy"]), allow_pickle=False)  # (n_captions, D)
+        if rows.shape[0] != len(out["captions"]):
+            raise ValueError(f"{rows.shape[0]} feature rows for {len(out['captions'])} captions")
+        out["features"] = rows
+    return out
+
+
+def _pick_caption(src, vocab, max_tokens, seed, state, train):
+    """Training: one caption uniformly at random, the draw depending on (seed, epoch, key) only."""
+    for sample in src:
+        n = len(sample["captions"])
+        index = _rng(seed, state["epoch"], sample["key"], "caption").randrange(n) if train else 0
+        sample["caption"] = sample["captions"][index]
+        sample["tokens"] = vocab.encode(sample["caption"], max_tokens=max_tokens)
+        if "features" in sample:
+            sample["features"] = sample["features"][index]
+        yield sample
+
+
+def _batch(src, batch_size, vocab, attribute_names, counter, keep_partial):
+    group = []
+    for sample in src:
+        group.append(sample)
+        if len(group) == batch_size:
+            yield _collate(group, vocab, attribute_names, counter, keep_partial)
+            group = []
+    if group and keep_partial:
+        yield _collate(group, vocab, attribute_names, counter, keep_partial)
+    elif counter.pending:
+        yield {"_corrupt": counter.take()}
+
+
+def _collate(group, vocab, attribute_names, counter, eval_mode) -> dict:
+    # uint8 until here: one vectorised conversion per batch instead of one per image
+    batch = {"image": torch.stack([s["image"] for s in group]).float().div_(127.5).sub_(1.0),  # (B, 3, H, W)
+             "caption": [s["caption"] for s in group],
+             "tokens": vocab.pad_batch([s["tokens"] for s in group]),  # (B, T)
+             "key": [s["key"] for s in group], "_corrupt": counter.take()}
+    if all("features" in s for s in group):
+        batch["text_features"] = torch.from_numpy(np.stack([s["features"] for s in group]).astype(np.float32))  # (B, D)
+    if attribute_names and all(s["attributes"] for s in group):
+        rows = [[float(s["attributes"][name]) for name in attribute_names] for s in group]
+        batch["attributes"] = torch.tensor(rows, dtype=torch.float32)  # (B, A)
+    if eval_mode:
+        batch["all_captions"] = [s["captions"] for s in group]
+    return batch
