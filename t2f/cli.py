@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "convert": ("t2f.models.convert", "convert a StyleGAN2 checkpoint (NVlabs .pkl, rosinality .pt) to t2f safetensors"),
     "bench": ("t2f.bench", "benchmarks that print fast-path / reference ratios (ops, generator, data, train)"),
+    "shards": ("t2f.data.shards", "build WebDataset shards + manifest from MM-CelebA-HQ, CelebAText-HQ or a jsonl; verify them"),
 }
 
 
