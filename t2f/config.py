@@ -6,7 +6,8 @@ A preset is a name from t2f/configs/ (`toy`, `mmcelebahq`, `celebatext`) or a pa
 file. A YAML file may name a `base:` preset and override part of it. Unknown keys and values
 of the wrong type are errors that name the key and the valid choices. String values may use
 `${VAR}` or `${VAR:-default}` to read the environment (paths to weights and shards on a
-cluster), expanded when the config is loaded and saved resolved with the run.
+cluster), expanded when the config is loaded and saved resolved with the run; `${T2F_PKG}` is
+the installed package's folder (assets shipped with t2f, such as the toy generator).
 """
 
 import dataclasses
@@ -109,7 +110,9 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 0
     log_every: int = 10
-    sample_every: int = 500
+    sample_every: int = 500  # 0 disables sample grids
+    sample_captions: int = 8  # held-out captions in the grid (first of the eval split)
+    samples_per_caption: int = 4
     ckpt_every: int = 500
     keep_last: int = 3
     eval_every: int = 0  # 0 disables periodic evaluation
@@ -149,6 +152,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -255,6 +259,8 @@ _ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 def _expand_env(text: str, key: str) -> str:
     def sub(match):
         name, default = match.group(1), match.group(2)
+        if name == "T2F_PKG" and name not in os.environ:
+            return str(Path(__file__).parent)
         if name in os.environ:
             return os.environ[name]
         if default is not None:

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from transformers import (BertConfig, BertModel, BertTokenizer, CLIPTextConfig,
-                          CLIPTextModelWithProjection, CLIPTokenizer)
+from transformers import BertModel, BertTokenizer, CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from t2f.models.text_encoder import TextEncoder, TextEncoderError
+from tiny import WORDS
+from tiny import tiny_bert as build_tiny_bert
 
 CAPTIONS = ["the woman has blond hair.", "a smiling man wears eyeglasses and a hat ."]
-WORDS = ["the", "woman", "has", "blond", "hair", "a", "smiling", "man", "wears", "eyeglasses", "and", "hat", "."]
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +30,7 @@ def tiny_clip(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bert")
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    BertTokenizer(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=5 + len(WORDS), hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=64)
-    BertModel(config).save_pretrained(folder)
-    return folder
+    return build_tiny_bert(tmp_path_factory.mktemp("bert"))
 
 
 def test_clip_features_equal_hugging_face_forward(tiny_clip):

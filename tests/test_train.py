@@ -1,0 +1,150 @@
+"""Training: `main([...])` on a tiny world. What a user relies on: losses go down, frozen parts
+stay frozen, the recaptioner learns only from real pairs, a preempted or crashed run resumes
+to exactly the weights of an uninterrupted one, and the run is readable without W&B."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from t2f import train
+from t2f.checkpointing import WEIGHTS, latest_checkpoint
+from t2f.config import load_config
+from tiny import tiny_overrides
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return lambda run="run", steps=4, *extra: tiny_overrides(tmp_path, tmp_path / run, steps) + list(extra)
+
+
+def final_weights(run_dir):
+    return load_file(str(latest_checkpoint(run_dir) / WEIGHTS))
+
+
+def test_a_short_run_writes_checkpoint_metrics_and_config(tiny, tmp_path):
+    assert train.main(["--config", "toy", *tiny("run", 4)]) == 0
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in records)
+    assert {"train/kl", "train/trl", "train/recaptioner", "train/attention", "train/lr"} <= set(records[0])
+    weights = final_weights(run)
+    assert any(k.startswith("mapping.") for k in weights) and any(k.startswith("ca.") for k in weights)
+    assert not any(k.startswith("synthesis.") for k in weights)  # the frozen generator is never saved as trainable
+    assert load_config(str(run / "config.yaml")).train.steps == 4
+
+
+def _parts(tmp_path, overrides):
+    cfg = load_config("toy", overrides)
+    text_encoder, generator, vocab, model = train.build_parts(cfg, torch.device("cpu"))
+    from t2f.data.loader import make_train_loader
+
+    loader = make_train_loader(cfg.data.shards, "train", batch_size=4, resolution=32, vocab=vocab, seed=0)
+    batch = next(iter(loader))
+    return cfg, text_encoder.encode(batch["caption"]), batch, generator, model
+
+
+def test_loss_decreases_on_a_fixed_batch_and_the_generator_stays_frozen(tiny, tmp_path):
+    cfg, s, batch, generator, model = _parts(tmp_path, tiny("run", 4, "optim.lr=5e-3"))
+    frozen_before = {k: v.clone() for k, v in generator.state_dict().items()}
+    optimizer = train.make_optimizer(cfg, model)
+    losses = []
+    for _ in range(30):
+        loss, _ = model(s, batch["tokens"], batch["image"], generator.synthesis, cfg.loss, force_fp32=True)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0] and all(torch.isfinite(torch.tensor(losses))), losses
+    for key, value in generator.state_dict().items():
+        assert torch.equal(value, frozen_before[key]), f"frozen generator changed: {key}"
+
+
+def test_generated_image_loss_never_updates_the_recaptioner(tiny, tmp_path):
+    cfg, s, batch, generator, model = _parts(tmp_path, tiny())
+    ws, *_ = model.latents(s)
+    images = generator.synthesis(ws, noise_mode="const", force_fp32=True)
+    logits, alphas = model.read_generated(images, batch["tokens"])
+    logits.logsumexp(-1).sum().backward()
+    assert all(p.grad is None for p in model.recaptioner.parameters())  # weights untouched ...
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.mapping.parameters())  # ... the mapper learns
+
+    # In the full step the recaptioner's gradient is exactly that of its real-pair loss.
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    total, _ = model(s, batch["tokens"], batch["image"], generator.synthesis, cfg.loss, force_fp32=True)
+    total.backward()
+    joint = {n: p.grad.clone() for n, p in model.recaptioner.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    real, _ = model(s, batch["tokens"], batch["image"], generator.synthesis, cfg.loss, joint=False, force_fp32=True)
+    real.backward()
+    for name, p in model.recaptioner.named_parameters():
+        if name in joint:
+            torch.testing.assert_close(joint[name], p.grad, msg=f"recaptioner.{name} got gradient from generated images")
+
+
+def test_preempted_run_resumes_to_the_same_weights(tiny, tmp_path, monkeypatch):
+    assert train.main(["--config", "toy", *tiny("straight", 6)]) == 0
+
+    original_step = train.Monitor.step
+
+    def preempt_at_3(self, step, scalars=None):
+        original_step(self, step, scalars)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)  # what Slurm sends before it preempts
+
+    monkeypatch.setattr(train.Monitor, "step", preempt_at_3)
+    assert train.main(["--config", "toy", *tiny("preempted", 6)]) == train.REQUEUE_EXIT_CODE
+    # Ranks agree on a stop at the next step's all-reduce: step 4 completes, then the checkpoint.
+    assert latest_checkpoint(tmp_path / "preempted").name == "step-00000004"
+    monkeypatch.setattr(train.Monitor, "step", original_step)
+    assert train.main(["--config", "toy", *tiny("preempted", 6)]) == 0  # resumes from latest by default
+
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "preempted")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "preempted" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # no step lost, none done twice
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(tiny, tmp_path, monkeypatch):
+    import t2f.checkpointing as ckpt
+
+    real_save = ckpt.save_file
+    calls = {"n": 0}
+
+    def crash_on_second(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed while writing")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(ckpt, "save_file", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--config", "toy", *tiny("crash", 4), "train.ckpt_every=2"])
+    latest = latest_checkpoint(tmp_path / "crash")
+    assert latest.name == "step-00000002" and (latest / WEIGHTS).is_file()
+    monkeypatch.setattr(ckpt, "save_file", real_save)
+    assert train.main(["--config", "toy", *tiny("crash", 4), "train.ckpt_every=2"]) == 0
+    assert latest_checkpoint(tmp_path / "crash").name == "step-00000004"
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "text_features", lambda cfg, batch, enc, dev: torch.full((len(batch["caption"]), enc.dim), float("nan")))
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row.*metrics.jsonl"):
+        train.main(["--config", "toy", *tiny("nan", 4), "train.max_bad_steps=3"])
+    records = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["train/skipped_steps"] == 3  # every skip is logged before the stop
+
+
+def test_wandb_offline_run_is_kept_in_the_run_directory(tiny, tmp_path):
+    assert train.main(["--config", "toy", *tiny("wb", 2), "wandb.mode=offline", "train.sample_every=2"]) == 0
+    run = tmp_path / "wb"
+    assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run directory"
+    assert (run / "wandb_id.txt").is_file()
+    assert (run / "samples" / "step-00000002.png").is_file()
