@@ -18,6 +18,7 @@ _PAD = 4  # pixels around text and between rows
 _BACKGROUND = (255, 255, 255)
 _CAPTION_COLOUR = (0, 0, 0)
 _SUBCAPTION_COLOUR = (90, 90, 90)
+_SUB_LINES = 3  # subcaption lines kept under each image
 
 
 def to_uint8(images) -> np.ndarray:
@@ -74,7 +75,7 @@ def _row_captions(captions, n: int, rows: int, per_row: int) -> list[str]:
 def _row_block(cells: np.ndarray, width: int, caption: str, subs, font, small) -> Image.Image:
     """One row: the images, their subcaptions, then the row caption, on a white strip."""
     h, w = cells.shape[1:3]
-    sub_lines = [_wrap(s, small, w - 2 * _PAD) for s in subs] if subs is not None else []
+    sub_lines = [_clip(_wrap(s, small, w - 2 * _PAD)) for s in subs] if subs is not None else []
     sub_height = max((len(lines) for lines in sub_lines), default=0) * _line_height(small)
     cap_lines = _wrap(caption, font, width - 2 * _PAD)
     cap_height = len(cap_lines) * _line_height(font)
@@ -107,6 +108,11 @@ def _wrap(text: str, font, max_width: int) -> list[str]:
     if line:
         lines.append(line)
     return lines or [""]
+
+
+def _clip(lines: list[str]) -> list[str]:
+    """At most _SUB_LINES lines under an image (a runaway decoder can write a paragraph)."""
+    return lines if len(lines) <= _SUB_LINES else lines[: _SUB_LINES - 1] + [lines[_SUB_LINES - 1] + " ..."]
 
 
 def _line_height(font) -> int:

@@ -1,0 +1,160 @@
+"""`t2f generate`: faces from captions with a trained checkpoint, as a captioned grid or single PNGs.
+
+    t2f generate --ckpt runs/mmcelebahq "a smiling woman with blond hair" "a man with a beard" \\
+        --n 4 --seed 0 --truncation 0.7 --out grid.png
+    t2f generate --ckpt runs/toy --captions captions.txt --out-dir faces/ --device cpu
+
+One row per caption, `--n` samples in it, the caption written under the row (`--read-back` adds
+what the recaptioner reads from each image). The same checkpoint, captions, seed and device give
+the same bytes. Bad input (an empty caption, a missing or foreign checkpoint, an output path that
+cannot be written) is reported in one line on stderr with exit status 2; a caption longer than
+the text encoder's window is truncated with a warning.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+class UsageError(ValueError):
+    """Bad command-line input; the message is shown as it is."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="t2f generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("captions", nargs="*", help="captions (quote each one)")
+    p.add_argument("--ckpt", required=True, help="run directory (its latest checkpoint) or checkpoint directory")
+    p.add_argument("--captions", dest="captions_file", help="text file with one caption per line (blank lines ignored)")
+    p.add_argument("--n", type=int, default=4, help="images per caption (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--truncation", type=float, default=1.0, help="truncation psi towards the average w (default 1.0 = none)")
+    p.add_argument("--out", help="grid PNG path (default grid.png unless --out-dir is given)")
+    p.add_argument("--out-dir", help="also write one PNG per image into this folder")
+    p.add_argument("--read-back", action="store_true", help="write the recaptioner's reading under each image")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the checkpoint's config, e.g. --set text.encoder=/models/clip (repeatable)")
+    return p
+
+
+def read_captions(args) -> list[str]:
+    captions = list(args.captions)
+    for i, caption in enumerate(captions, 1):
+        if not caption.strip():
+            raise UsageError(f"caption {i} is empty; give non-empty captions in quotes")
+    if args.captions_file:
+        path = Path(args.captions_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"cannot read captions file {path}: {err}") from None
+        from_file = [line.strip() for line in lines if line.strip()]
+        if not from_file:
+            raise UsageError(f"captions file {path} holds no caption (one per line)")
+        captions += from_file
+    if not captions:
+        raise UsageError('no captions: give them as arguments ("a smiling woman") or with --captions FILE')
+    return [c.strip() for c in captions]
+
+
+def check_outputs(args) -> tuple[Path | None, Path | None]:
+    """(grid path, folder) after checking both can be written, before any model is loaded."""
+    grid = Path(args.out) if args.out else (None if args.out_dir else Path("grid.png"))
+    if grid is not None:
+        if grid.is_dir():
+            raise UsageError(f"--out {grid} is a directory; give a file name such as {grid / 'grid.png'}")
+        parent = grid.parent if str(grid.parent) else Path(".")
+        if not parent.is_dir():
+            raise UsageError(f"cannot write {grid}: folder {parent} does not exist")
+        if not _can_write_into(parent) or (grid.exists() and not os.access(grid, os.W_OK)):
+            raise UsageError(f"cannot write {grid}: permission denied")
+    folder = Path(args.out_dir) if args.out_dir else None
+    if folder is not None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot create --out-dir {folder}: {err.strerror or err}") from None
+        if not _can_write_into(folder):
+            raise UsageError(f"cannot write into --out-dir {folder}: permission denied")
+    return grid, folder
+
+
+def _can_write_into(folder: Path) -> bool:
+    """Try it: permission bits do not tell the whole story (root, read-only mounts, ACLs)."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".t2f-write-test-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def _device(choice: str) -> str:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but CUDA is not available here; use --device cpu")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def _warn_if_truncated(pipeline, captions: list[str]) -> None:
+    window = pipeline.text_encoder.max_length
+    for i in pipeline.too_long(captions):
+        print(f"t2f generate: warning: caption {i + 1} is longer than the text encoder's window of {window} "
+              f"tokens; only its beginning is used: {captions[i][:60]!r}...", file=sys.stderr)
+
+
+def write_images(images, captions, n: int, grid: Path | None, folder: Path | None, subcaptions=None) -> None:
+    from PIL import Image
+
+    from t2f.visual import caption_grid, to_uint8
+
+    try:
+        if grid is not None:
+            caption_grid(images, captions, per_row=n, subcaptions=subcaptions).save(grid)
+            print(f"wrote {grid}")
+        if folder is not None:
+            pixels = to_uint8(images)  # (N, H, W, 3)
+            lines = []
+            for index, image in enumerate(pixels):
+                name = f"caption{index // n:03d}_sample{index % n:02d}.png"
+                Image.fromarray(image).save(folder / name)
+                lines.append(f"{name}\t{captions[index // n]}")
+            (folder / "captions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            print(f"wrote {len(pixels)} images and captions.tsv to {folder}")
+    except OSError as err:
+        raise UsageError(f"cannot write output: {err}") from None
+
+
+def main(argv=None) -> int:
+    from t2f.checkpointing import CheckpointNotFound
+    from t2f.config import ConfigError
+    from t2f.inference import PipelineError, load_pipeline
+    from t2f.models.checkpoints import CheckpointError
+    from t2f.models.text_encoder import TextEncoderError
+
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.n < 1:
+            raise UsageError(f"--n must be at least 1, got {args.n}")
+        captions = read_captions(args)
+        grid, folder = check_outputs(args)
+        pipeline = load_pipeline(args.ckpt, device=_device(args.device), overrides=args.set)
+        _warn_if_truncated(pipeline, captions)
+        images = pipeline.generate(captions, n=args.n, seed=args.seed, truncation_psi=args.truncation).cpu()
+        subcaptions = pipeline.read_back(images) if args.read_back else None
+        write_images(images, captions, args.n, grid, folder, subcaptions)
+    except (UsageError, CheckpointNotFound, PipelineError, ConfigError, TextEncoderError, CheckpointError,
+            FileNotFoundError) as err:  # FileNotFoundError: weights a config names (messages say which)
+        print(f"t2f generate: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

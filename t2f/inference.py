@@ -1,0 +1,159 @@
+"""Text -> faces with a trained checkpoint: the pipeline that `t2f generate` and `t2f eval` use.
+
+    pipe = load_pipeline("runs/mmcelebahq", device="cuda")          # a run dir or a checkpoint dir
+    images = pipe.generate(["a smiling woman with blond hair"], n=4, seed=0, truncation_psi=0.7)
+    pipe.read_back(images)                                           # what the recaptioner reads
+
+`Pipeline.from_parts(...)` wraps models that are already in memory (the trainer's live model).
+
+Determinism: every image has its own CA noise, drawn from a torch.Generator seeded by a hash of
+(seed, which caption, which sample), so an image does not depend on the other captions in the
+call or on the batch it was made in; synthesis runs with constant noise. On CUDA the generator's
+fp16 layers run in fp16 (as in training); on CPU everything runs in fp32.
+"""
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from t2f.checkpointing import WEIGHTS, resolve_checkpoint
+
+
+class PipelineError(RuntimeError):
+    """A checkpoint or one of the models it names could not be loaded; the message says which."""
+
+
+def sample_seed(*parts) -> int:
+    """A 63-bit seed from any printable parts: stable across processes, platforms and runs."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)  # DDP / DeepSpeed engines keep the model in .module
+
+
+class Pipeline:
+    """Frozen text encoder + TextToFace (eval) + frozen generator + vocabulary, on one device."""
+
+    def __init__(self, cfg, model, generator, text_encoder, vocab, checkpoint=None):
+        self.cfg, self.model, self.generator = cfg, _unwrap(model), generator
+        self.text_encoder, self.vocab, self.checkpoint = text_encoder, vocab, checkpoint
+        self.device = next(self.generator.parameters()).device
+
+    @classmethod
+    def from_parts(cls, cfg, model, generator, text_encoder, vocab) -> "Pipeline":
+        """A pipeline over models already in memory (nothing is copied or reloaded)."""
+        return cls(cfg, model, generator, text_encoder, vocab)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.generator.img_resolution)
+
+    # -- text
+
+    def too_long(self, captions: list[str]) -> list[int]:
+        """Indices of captions longer than the text encoder's window (they are truncated)."""
+        tokenizer, window = self.text_encoder.tokenizer, self.text_encoder.max_length
+        lengths = [len(ids) for ids in tokenizer(list(captions), truncation=False)["input_ids"]]
+        return [i for i, n in enumerate(lengths) if n > window]
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        return self.text_encoder.encode(list(captions)).to(self.device, torch.float32)  # (B, S)
+
+    # -- latents and images
+
+    @torch.no_grad()
+    def latents(self, s: torch.Tensor, seeds: list[int], truncation_psi: float = 1.0) -> torch.Tensor:
+        """Text features (B, S) -> ws (B, num_ws, w_dim); row i's CA noise comes from seeds[i]."""
+        rows = []
+        for row, seed in zip(s, seeds):  # one call per row: an image never depends on its batch
+            gen = torch.Generator(self.device).manual_seed(int(seed))
+            ws, *_ = self.model.latents(row[None], truncation_psi=truncation_psi, generator=gen)
+            rows.append(ws)  # (1, num_ws, w_dim)
+        return torch.cat(rows)  # (B, num_ws, w_dim)
+
+    @torch.no_grad()
+    def synthesize(self, ws: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """ws (B, num_ws, w_dim) -> images (B, 3, H, W) float32 in [-1, 1], on the pipeline's device."""
+        force_fp32 = self.device.type != "cuda"
+        chunks = [self.generator.synthesis(w.float(), noise_mode="const", force_fp32=force_fp32)
+                  for w in ws.split(batch_size)]
+        return torch.cat(chunks).float().clamp(-1, 1)  # (B, 3, H, W)
+
+    def generate(self, captions: list[str], n: int = 1, seed: int = 0, truncation_psi: float = 1.0,
+                 batch_size: int = 16) -> torch.Tensor:
+        """(len(captions) * n, 3, H, W) in [-1, 1], caption-major: n samples of caption 0 first."""
+        if isinstance(captions, str):
+            raise TypeError("generate() takes a list of captions, not one string")
+        if not captions or n < 1:
+            raise ValueError(f"need at least one caption and n >= 1 (got {len(captions)} captions, n={n})")
+        s = self.encode(captions).repeat_interleave(n, dim=0)  # (C*n, S)
+        seeds = [sample_seed(seed, j, k) for j in range(len(captions)) for k in range(n)]
+        return self.synthesize(self.latents(s, seeds, truncation_psi), batch_size)
+
+    # -- reading back
+
+    @torch.no_grad()
+    def read_back(self, images: torch.Tensor, max_len: int | None = None) -> list[str]:
+        """Greedy captions the recaptioner reads from [-1, 1] images."""
+        max_len = max_len or self.cfg.data.max_caption_tokens
+        ids = self.model.recaptioner.greedy(images.to(self.device).float(), max_len=max_len)
+        return [self.vocab.decode(row) for row in ids]
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bicubic resize of [-1, 1] images to size x size (a no-op when they already are)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+
+
+def load_pipeline(run_or_ckpt, device="cpu", overrides=()) -> Pipeline:
+    """Everything needed to generate from a run or checkpoint directory.
+
+    `overrides` are dotted config overrides applied to the checkpoint's config, e.g. a local
+    path for the text encoder or the generator weights on another machine.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from t2f.config import ConfigError, load_config
+    from t2f.data.vocab import Vocab
+
+    ckpt = resolve_checkpoint(run_or_ckpt)  # CheckpointNotFound names what it looked for
+    try:
+        cfg = load_config(str(ckpt / "config.yaml"), list(overrides))
+    except ConfigError as err:
+        raise PipelineError(f"{ckpt}: its config.yaml cannot be used: {err}") from None
+    try:
+        state = load_file(str(ckpt / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise PipelineError(f"{ckpt / WEIGHTS} is not a readable safetensors file ({err}); "
+                            "point --ckpt at a checkpoint written by `t2f train`") from None
+    try:
+        vocab = Vocab.load(ckpt / "vocab.json")
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"{ckpt}: {err}") from None
+    text_encoder, generator, model = _build_models(cfg, len(vocab), device)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise PipelineError(f"{ckpt / WEIGHTS} does not match the model its config.yaml describes: "
+                            f"{str(err).splitlines()[0]} ...") from None
+    return Pipeline(cfg, model.eval(), generator, text_encoder, vocab, checkpoint=Path(ckpt))
+
+
+def _build_models(cfg, vocab_size: int, device):
+    from t2f.models.generator import generator_from_config
+    from t2f.models.text_encoder import TextEncoder
+    from t2f.models.text_to_face import build_text_to_face
+
+    text_encoder = TextEncoder(cfg.text.encoder, cfg.text.pooling, cfg.text.max_length, cfg.text.local_files_only,
+                               device=device)
+    generator = generator_from_config(cfg.generator, device=device).requires_grad_(False).eval()
+    model = build_text_to_face(cfg, text_encoder.dim, generator, vocab_size).to(device)
+    return text_encoder, generator, model.requires_grad_(False).eval()
