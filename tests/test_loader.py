@@ -129,6 +129,18 @@ def test_corrupt_sample_is_skipped_and_counted(shard_dir, vocab, tmp_path):
     assert loader.corrupt_skipped == 1
 
 
+def test_truncated_shard_is_counted_not_fatal(shard_dir, vocab, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(shard_dir, broken)
+    victim = broken / "test-000002.tar"  # samples 55, 56, 57
+    victim.write_bytes(victim.read_bytes()[:2500])
+    loader = make_eval_loader(broken, "test", batch_size=4, resolution=8, vocab=vocab)
+    with pytest.warns(UserWarning):
+        keys = {k for batch in loader for k in batch["key"]}
+    assert {str(i) for i in range(N_TRAIN, N_TRAIN + 10)} <= keys and "57" not in keys
+    assert loader.corrupt_skipped >= 1
+
+
 def test_missing_manifest_says_how_to_build(tmp_path, vocab):
     with pytest.raises(FileNotFoundError, match="t2f shards build"):
         make_train_loader(tmp_path, "train", batch_size=2, resolution=8, vocab=vocab)

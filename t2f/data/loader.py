@@ -12,12 +12,13 @@
             # "text_features" (B, D) float32 when the shards store them, "attributes" (B, A) in {0, 1}
             # when the dataset has labels, "key" list[str]; eval batches add "all_captions".
 
-The pipeline is one explicit list of stages (`_train_stages`, `_eval_stages`):
+The pipeline is one explicit list of stages (see `stages` in the two `make_*` functions):
 shard urls from the manifest -> resampled shards, or shuffled by (seed, epoch) then split by node
 then by worker -> tar to samples (a worker cycles its own shards in training) -> shuffle buffer
 seeded by (seed, epoch, rank, worker) -> decode to [-1, 1] -> pick one caption -> tokenise ->
-batch. Corrupt samples are skipped, counted in `loader.corrupt_skipped` and warned about; they
-never stop a run. Rank and world size are explicit arguments, not torch.distributed globals.
+batch. Corrupt samples and unreadable tar data are skipped, counted in `loader.corrupt_skipped`
+and warned about; they never stop a run (only a training stream that is corrupt through and
+through does, rather than spin). Rank and world size are explicit arguments, not torch.distributed globals.
 
 Why the loader is not passed to `accelerator.prepare`: it is already split by rank here, and
 prepare would split it a second time (each rank would see 1/world_size of its own share). In
@@ -81,10 +82,21 @@ def make_train_loader(shards_dir, split, *, batch_size, resolution, vocab, rank=
         raise ValueError(f"split {split!r} in {shards_dir} has {len(urls)} shards, but {world_size} rank(s) x "
                          f"{max(1, num_workers)} worker(s) need at least {readers} (one each); rebuild with a smaller "
                          "--shard-size, use fewer data.num_workers, or set data.resampled=true")
-    state = {"epoch": int(epoch)}
+    state, counter = {"epoch": int(epoch)}, _CorruptCounter(limit=MAX_CONSECUTIVE_CORRUPT)
+    if resampled:
+        shards = [partial(_resampled_urls, urls, seed, state, rank)]
+    else:
+        shards = [partial(_url_list, urls, seed, state), partial(_split_by_node, rank=rank, world_size=world_size),
+                  _split_by_worker]
+    stages = shards + [
+        partial(_read_shards, counter=counter, cycle=not resampled, seed=seed, state=state, rank=rank),
+        partial(_shuffle, bufsize=shuffle_buffer, seed=seed, state=state, rank=rank),
+        partial(_decode, resolution=resolution, counter=counter, features=manifest["text_encoder"] is not None),
+        partial(_pick_caption, vocab=vocab, max_tokens=max_tokens, seed=seed, state=state, train=True),
+        partial(_batch, batch_size=batch_size, vocab=vocab, attribute_names=manifest["attributes"], counter=counter,
+                keep_partial=False),
+    ]
     per_worker = math.ceil(math.ceil(total / (batch_size * world_size)) / max(1, num_workers))
-    stages = _train_stages(manifest, urls, state, rank, world_size, seed, resampled, shuffle_buffer) + \
-        _sample_stages(manifest, resolution, vocab, max_tokens, batch_size, state, seed, train=True)
     pipeline = wds.DataPipeline(*stages).with_epoch(nbatches=per_worker)
     return ShardLoader(pipeline, num_workers, per_worker * max(1, num_workers), state)
 
@@ -93,33 +105,26 @@ def make_eval_loader(shards_dir, split, *, batch_size, resolution, vocab, rank=0
                      max_tokens=50) -> ShardLoader:
     """Every sample exactly once across ranks, in a fixed order, first caption, partial last batch."""
     manifest, urls, _ = _split_shards(shards_dir, split)
-    counts = [e["count"] for e in _shard_entries(manifest, split)]
-    mine = _islice_list(list(zip(urls, counts)), rank, world_size)
-    workers = max(1, num_workers)
-    num_batches = sum(math.ceil(sum(c for _, c in _islice_list(mine, w, workers)) / batch_size) for w in range(workers))
-    state = {"epoch": 0}
-    stages = [partial(_url_list, urls, None, state), partial(_split_by_node, rank=rank, world_size=world_size),
-              _split_by_worker, partial(_read_shards, forever=False, seed=0, state=state, rank=rank)]
-    stages += _sample_stages(manifest, resolution, vocab, max_tokens, batch_size, state, 0, train=False)
+    state, counter = {"epoch": 0}, _CorruptCounter(limit=None)
+    stages = [
+        partial(_url_list, urls, None, state),
+        partial(_split_by_node, rank=rank, world_size=world_size),
+        _split_by_worker,
+        partial(_read_shards, counter=counter, cycle=False, seed=0, state=state, rank=rank),
+        partial(_decode, resolution=resolution, counter=counter, features=manifest["text_encoder"] is not None),
+        partial(_pick_caption, vocab=vocab, max_tokens=max_tokens, seed=0, state=state, train=False),
+        partial(_batch, batch_size=batch_size, vocab=vocab, attribute_names=manifest["attributes"], counter=counter,
+                keep_partial=True),
+    ]
+    num_batches = _eval_batches(manifest, split, rank, world_size, num_workers, batch_size)
     return ShardLoader(wds.DataPipeline(*stages), num_workers, num_batches, state)
 
 
-def _train_stages(manifest, urls, state, rank, world_size, seed, resampled, shuffle_buffer) -> list:
-    if resampled:
-        shards = [partial(_resampled_urls, urls, seed, state, rank), wds.tarfile_to_samples(handler=_warn_skip)]
-    else:
-        shards = [partial(_url_list, urls, seed, state), partial(_split_by_node, rank=rank, world_size=world_size),
-                  _split_by_worker, partial(_read_shards, forever=True, seed=seed, state=state, rank=rank)]
-    return shards + [partial(_shuffle, bufsize=shuffle_buffer, seed=seed, state=state, rank=rank)]
-
-
-def _sample_stages(manifest, resolution, vocab, max_tokens, batch_size, state, seed, train) -> list:
-    counter = _CorruptCounter(MAX_CONSECUTIVE_CORRUPT if train else None)
-    features = manifest.get("text_encoder") is not None
-    return [partial(_decode, resolution=resolution, counter=counter, features=features),
-            partial(_pick_caption, vocab=vocab, max_tokens=max_tokens, seed=seed, state=state, train=train),
-            partial(_batch, batch_size=batch_size, vocab=vocab, attribute_names=manifest.get("attributes") or [],
-                    counter=counter, keep_partial=not train)]
+def _eval_batches(manifest, split, rank, world_size, num_workers, batch_size) -> int:
+    """Each worker batches its own shards, so the count is a sum of per-worker ceilings."""
+    mine = [e["count"] for e in manifest["splits"][split]["shards"]][rank::world_size]
+    workers = max(1, num_workers)
+    return sum(math.ceil(sum(mine[w::workers]) / batch_size) for w in range(workers))
 
 
 # ---------------------------------------------------------------------------- shard stages
@@ -130,7 +135,7 @@ def _split_shards(shards_dir, split):
     if split not in manifest["splits"]:
         raise ValueError(f"split {split!r} is not in {Path(shards_dir) / 'manifest.json'}; "
                          f"it has: {', '.join(manifest['splits']) or 'none'}")
-    urls = [str(Path(shards_dir) / e["name"]) for e in _shard_entries(manifest, split)]
+    urls = [str(Path(shards_dir) / e["name"]) for e in manifest["splits"][split]["shards"]]
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}; "
@@ -139,14 +144,6 @@ def _split_shards(shards_dir, split):
     if not urls or total == 0:
         raise ValueError(f"split {split!r} in {shards_dir} holds no samples")
     return manifest, urls, total
-
-
-def _shard_entries(manifest, split):
-    return manifest["splits"][split]["shards"]
-
-
-def _islice_list(items: list, index: int, count: int) -> list:
-    return items[index::count]
 
 
 def _worker_id():
@@ -182,26 +179,22 @@ def _split_by_worker(src):
     yield from itertools.islice(src, worker, None, workers)
 
 
-def _read_shards(src, forever, seed, state, rank):
+def _read_shards(src, counter, cycle, seed, state, rank):
     """Tar members grouped into samples. In training a worker cycles its own shards (reshuffled
     each pass) until `with_epoch` ends the epoch, so a worker with few samples never runs short."""
+    if not cycle:  # eval, or resampled urls (an endless stream already)
+        yield from wds.tarfile_samples(src, handler=counter.tar_error)
+        return
     urls = [item["url"] for item in src]
     rng = _rng(seed, state["epoch"], rank, *_worker_id(), "cycle")
-    for cycle in itertools.count():
+    while True:
         found = 0
-        for sample in wds.tarfile_samples([{"url": u} for u in urls], handler=_warn_skip):
+        for sample in wds.tarfile_samples([{"url": u} for u in urls], handler=counter.tar_error):
             found += 1
             yield sample
-        if not forever:
-            return
         if found == 0:
             raise RuntimeError(f"no readable sample in shards {urls}; check them with `t2f shards verify`")
         rng.shuffle(urls)
-
-
-def _warn_skip(exn) -> bool:
-    warnings.warn(f"skipping unreadable shard data: {exn!r}")
-    return True
 
 
 def _shuffle(src, bufsize, seed, state, rank):
@@ -234,6 +227,12 @@ class _CorruptCounter:
         warnings.warn(f"skipping corrupt sample {sample.get('__key__')} in {sample.get('__url__')}: {err!r}")
         if self.limit and self.consecutive >= self.limit:
             raise RuntimeError(f"the last {self.limit} samples were all corrupt; check the shards with `t2f shards verify`")
+
+    def tar_error(self, exn) -> bool:
+        """WebDataset handler for unreadable tar data: count, warn, go on with the next member or shard."""
+        self.pending += 1
+        warnings.warn(f"skipping unreadable shard data: {exn!r}")
+        return True
 
     def take(self) -> int:
         count, self.pending = self.pending, 0
