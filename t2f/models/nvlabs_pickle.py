@@ -1,0 +1,139 @@
+"""Read NVlabs stylegan2-ada-pytorch / stylegan3 network pickles without running their code.
+
+Those `.pkl` files are plain pickles of `torch_utils.persistence` objects: each network object is
+stored as a call `_reconstruct_persistent_obj(meta)` whose `meta` holds the class's *source code*
+(`module_src`), its `class_name` and its `state` (the module's `__dict__`). `pickle.load` would
+import NVlabs' packages and exec that source. `RestrictedUnpickler` instead resolves only a short
+allow-list of globals (tensor/parameter/storage rebuilders, OrderedDict, set, EasyDict, numpy
+array rebuilders) and turns each persistent record into a `PersistentRecord` holding the saved
+state; `module_src` is dropped unread. Any other global (`os.system`, `builtins.eval`, ...) stops
+the load with `UnsafePickleError` naming it, at the moment the pickle asks for it, so nothing it
+refers to is ever called.
+"""
+
+import collections
+import io
+import pickle
+
+import torch
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """The pickle asked for a global outside the allow-list."""
+
+
+class PersistentRecord:
+    """One `torch_utils.persistence` object, kept as data: class name + saved `__dict__`."""
+
+    def __init__(self, meta):
+        if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
+            raise pickle.UnpicklingError("torch_utils.persistence record without the expected type/state fields")
+        self.class_name = str(meta.get("class_name"))
+        self.version = meta.get("version")
+        self.state = dict(meta["state"])  # module_src is deliberately not kept (and never executed)
+
+    def __repr__(self):
+        return f"PersistentRecord({self.class_name})"
+
+
+class EasyDict(dict):
+    """Stand-in for `dnnlib.util.EasyDict` (a dict with attribute access): kept as a plain dict."""
+
+
+def _storage_from_bytes(data):
+    # NVlabs-era tensors pickle their storage as torch.save bytes; read them the safe way.
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, collections.OrderedDict())
+
+
+def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
+    return torch.nn.Parameter(data, requires_grad=False)  # frozen on arrival; hooks and extra state dropped
+
+
+def _numpy_globals() -> dict:
+    try:
+        import numpy as np
+        from numpy._core import multiarray  # numpy >= 2
+    except ImportError:
+        try:
+            from numpy.core import multiarray  # numpy 1.x
+        except ImportError:
+            return {}
+    # Plain-data array and scalar rebuilders (stylegan3 networks keep numpy attributes).
+    found = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for core in ("numpy.core.multiarray", "numpy._core.multiarray"):  # pickles name either
+        found[(core, "_reconstruct")] = multiarray._reconstruct
+        found[(core, "scalar")] = multiarray.scalar
+    return found
+
+
+ALLOWED_GLOBALS = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): PersistentRecord,
+    ("dnnlib.util", "EasyDict"): EasyDict,
+    ("dnnlib", "EasyDict"): EasyDict,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("_codecs", "encode"): __import__("codecs").encode,  # how protocol-2 pickles spell bytes
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only `ALLOWED_GLOBALS` and refuses everything else."""
+
+    _allowed = None
+
+    def find_class(self, module, name):
+        if RestrictedUnpickler._allowed is None:
+            RestrictedUnpickler._allowed = {**ALLOWED_GLOBALS, **_numpy_globals()}
+        try:
+            return RestrictedUnpickler._allowed[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"refused global '{module}.{name}': only tensors, parameters, plain containers and "
+                "torch_utils.persistence records may appear in a network pickle") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError(f"unexpected persistent id {pid!r} (this looks like a torch.save file, not an NVlabs .pkl)")
+
+
+def read_pickle(fileobj):
+    """Unpickle an NVlabs network pickle with `RestrictedUnpickler`."""
+    return RestrictedUnpickler(fileobj).load()
+
+
+def record_state_dict(record: PersistentRecord, prefix: str = "") -> dict:
+    """Flatten a record tree of nn.Modules into a state dict (`mapping.fc0.weight`, ...)."""
+    state = record.state
+    skip = set(state.get("_non_persistent_buffers_set") or ())
+    tensors = {}
+    for name, value in (state.get("_parameters") or {}).items():
+        if value is not None:
+            tensors[prefix + name] = value.detach()
+    for name, value in (state.get("_buffers") or {}).items():
+        if value is not None and name not in skip:
+            tensors[prefix + name] = value.detach()
+    for name, child in (state.get("_modules") or {}).items():
+        if child is None:
+            continue
+        if not isinstance(child, PersistentRecord):
+            raise pickle.UnpicklingError(f"submodule '{prefix}{name}' is a {type(child).__name__}, not a persistent NVlabs module")
+        tensors.update(record_state_dict(child, f"{prefix}{name}."))
+    return tensors
+
+
+def record_init_kwargs(record: PersistentRecord, arg_names=()) -> dict:
+    """The keyword arguments the network was constructed with (positional ones named by `arg_names`)."""
+    args = tuple(record.state.get("_init_args") or ())
+    kwargs = dict(record.state.get("_init_kwargs") or {})
+    if len(args) > len(arg_names):
+        raise pickle.UnpicklingError(f"{record.class_name} was built with {len(args)} positional arguments; expected at most {len(arg_names)}")
+    kwargs.update(zip(arg_names, args))
+    return kwargs

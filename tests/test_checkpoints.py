@@ -1,0 +1,262 @@
+"""Checkpoint formats: NVlabs .pkl (read without running code), rosinality .pt, t2f safetensors, `t2f convert`."""
+
+import argparse
+import builtins
+import collections
+import json
+import os
+import pickle
+import sys
+import types
+
+import pytest
+import torch
+
+from t2f.cli import main as cli_main
+from t2f.config import GeneratorConfig
+from t2f.models.checkpoints import CheckpointError, detect_format, load_generator, save_generator
+from t2f.models.generator import Generator, architecture, generator_from_config
+from t2f.models.mapping import FullyConnectedLayer, MappingNetwork
+from t2f.models.synthesis import SynthesisBlock, SynthesisLayer, SynthesisNetwork, ToRGBLayer
+
+NVLABS_CLASS = {Generator: "Generator", MappingNetwork: "MappingNetwork", FullyConnectedLayer: "FullyConnectedLayer",
+                SynthesisNetwork: "SynthesisNetwork", SynthesisBlock: "SynthesisBlock", SynthesisLayer: "SynthesisLayer",
+                ToRGBLayer: "ToRGBLayer"}
+INIT_KWARGS = dict(z_dim=16, c_dim=0, w_dim=16, img_resolution=32, img_channels=3, mapping_kwargs=dict(num_layers=2),
+                   synthesis_kwargs=dict(channel_base=256, channel_max=32, num_fp16_res=1, conv_clamp=256))
+
+
+def tiny_generator(seed=0):
+    torch.manual_seed(seed)
+    G = Generator(**INIT_KWARGS)
+    with torch.no_grad():  # trained-looking weights, so every tensor influences the image
+        for name, p in G.named_parameters():
+            if name.endswith(("noise_strength", "bias")):
+                p.normal_(0, 0.2)
+        G.mapping.w_avg.normal_()
+    return G.eval()
+
+
+def same_image(G1, G2, seed=0):
+    z = torch.randn(2, G1.z_dim, generator=torch.Generator().manual_seed(seed))
+    ws = G1.mapping(z, truncation_psi=0.7)
+    torch.testing.assert_close(G2.mapping(z, truncation_psi=0.7), ws, rtol=0, atol=0)
+    torch.testing.assert_close(G2.synthesis(ws, noise_mode="const"), G1.synthesis(ws, noise_mode="const"), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- NVlabs-format pickles
+
+
+@pytest.fixture
+def nvlabs_modules(tmp_path, monkeypatch):
+    """Stand-ins for NVlabs' `torch_utils.persistence` and `dnnlib` that leave a mark if anything calls them."""
+    marker = tmp_path / "nvlabs_code_ran"
+
+    def _reconstruct_persistent_obj(meta):
+        marker.touch()
+
+    class EasyDict(dict):
+        pass
+
+    for name, attrs in {"torch_utils": {}, "torch_utils.persistence": {"_reconstruct_persistent_obj": _reconstruct_persistent_obj},
+                        "dnnlib": {}, "dnnlib.util": {"EasyDict": EasyDict}}.items():
+        module = types.ModuleType(name)
+        for attr, value in attrs.items():
+            value.__module__, value.__qualname__ = name, attr
+            setattr(module, attr, value)
+        monkeypatch.setitem(sys.modules, name, module)
+    return types.SimpleNamespace(marker=marker, reconstruct=_reconstruct_persistent_obj, EasyDict=EasyDict)
+
+
+class Persistent:
+    """Pickles exactly like a torch_utils.persistence object: `_reconstruct_persistent_obj(meta)`."""
+
+    def __init__(self, reconstruct, meta):
+        self.reconstruct, self.meta = reconstruct, meta
+
+    def __reduce__(self):
+        return self.reconstruct, (self.meta,)
+
+
+def as_record(module, fake, marker, init_kwargs=None):
+    state = dict(module.__dict__)  # what NVlabs stores: the module's __dict__, children as records
+    state["_modules"] = collections.OrderedDict((n, as_record(m, fake, marker)) for n, m in module._modules.items())
+    state["_init_args"], state["_init_kwargs"] = (), fake.EasyDict(init_kwargs or {})
+    source = f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"  # would run if a loader exec'd module_src
+    meta = dict(type="class", version=6, module_src=source, class_name=NVLABS_CLASS[type(module)], state=state)
+    return Persistent(fake.reconstruct, meta)
+
+
+def write_nvlabs_pickle(G, path, fake):
+    kwargs = fake.EasyDict(INIT_KWARGS, mapping_kwargs=fake.EasyDict(INIT_KWARGS["mapping_kwargs"]),
+                           synthesis_kwargs=fake.EasyDict(INIT_KWARGS["synthesis_kwargs"]))
+    disc_state = dict(_parameters=collections.OrderedDict(w=torch.nn.Parameter(torch.randn(3))), _buffers={},
+                      _modules={}, training=False, _init_args=(), _init_kwargs=fake.EasyDict(c_dim=0))
+    disc = Persistent(fake.reconstruct, dict(type="class", version=6, module_src="", class_name="Discriminator", state=disc_state))
+    snapshot = dict(G=as_record(G, fake, fake.marker, kwargs), D=disc, G_ema=as_record(G, fake, fake.marker, kwargs),
+                    augment_pipe=None, training_set_kwargs=fake.EasyDict(resolution=32))
+    with open(path, "wb") as f:
+        pickle.dump(snapshot, f)
+    return path
+
+
+def test_nvlabs_pickle_loads_strictly_without_running_its_code(tmp_path, nvlabs_modules):
+    G = tiny_generator()
+    path = write_nvlabs_pickle(G, tmp_path / "network-snapshot.pkl", nvlabs_modules)
+    assert b"torch_utils.persistence" in path.read_bytes() and b"_reconstruct_persistent_obj" in path.read_bytes()
+    assert detect_format(path) == "nvlabs_pkl"
+    loaded = load_generator(path)  # the stand-in modules stay importable: a lax loader would call them
+    assert not nvlabs_modules.marker.exists()
+    assert architecture(loaded) == {**architecture(G), "w_avg_beta": 0.995}  # NVlabs' default when unrecorded
+    same_image(G, loaded)
+    with pytest.raises(AssertionError):
+        same_image(tiny_generator(seed=1), loaded)  # the comparison can tell generators apart
+
+
+class Payload:
+    def __init__(self, func, arg):
+        self.func, self.arg = func, arg
+
+    def __reduce__(self):
+        return self.func, (self.arg,)
+
+
+@pytest.mark.parametrize("kind", ["os.system", "builtins.exec"])
+def test_pickle_with_a_malicious_global_is_refused_before_it_runs(tmp_path, kind):
+    marker = tmp_path / "pwned"
+    payload = Payload(os.system, f"touch {marker}") if kind == "os.system" else \
+        Payload(builtins.exec, f"open({str(marker)!r}, 'w').close()")
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"G_ema": payload}))
+    with pytest.raises(CheckpointError) as info:
+        load_generator(path)
+    assert kind.split(".")[1] in str(info.value) and "refused global" in str(info.value) and str(path) in str(info.value)
+    assert not marker.exists()
+    if kind == "builtins.exec":  # the payload is real: a plain pickle.load would have run it
+        pickle.loads(path.read_bytes())
+        assert marker.exists()
+
+
+# ---------------------------------------------------------------------------- rosinality .pt
+
+
+def to_rosinality(G):
+    """Our weights under rosinality stylegan2-pytorch's g_ema names and shapes (written independently)."""
+    sd, out = G.state_dict(), {}
+    for i in range(G.mapping.num_layers):
+        out[f"style.{i + 1}.weight"], out[f"style.{i + 1}.bias"] = sd[f"mapping.fc{i}.weight"], sd[f"mapping.fc{i}.bias"]
+    out["input.input"] = sd["synthesis.b4.const"][None]
+    blur = torch.tensor([1.0, 3, 3, 1]).outer(torch.tensor([1.0, 3, 3, 1])) / 64 * 4
+    resolutions = G.synthesis.block_resolutions
+    layers = [("conv1", "b4.conv1")] + [(f"convs.{j}", f"b{r}.conv{j % 2}") for j, r in
+                                        enumerate(r for r in resolutions[1:] for _ in range(2))]
+    for idx, (src, dst) in enumerate(layers):
+        out[f"{src}.conv.weight"] = sd[f"synthesis.{dst}.weight"][None]
+        out[f"{src}.conv.modulation.weight"] = sd[f"synthesis.{dst}.affine.weight"]
+        out[f"{src}.conv.modulation.bias"] = sd[f"synthesis.{dst}.affine.bias"]
+        out[f"{src}.noise.weight"] = sd[f"synthesis.{dst}.noise_strength"].reshape(1)
+        out[f"{src}.activate.bias"] = sd[f"synthesis.{dst}.bias"]
+        out[f"noises.noise_{idx}"] = sd[f"synthesis.{dst}.noise_const"][None, None]
+        if dst.endswith("conv0"):
+            out[f"{src}.conv.blur.kernel"] = blur
+    for i, res in enumerate(resolutions):
+        src = "to_rgb1" if res == 4 else f"to_rgbs.{i - 1}"
+        out[f"{src}.conv.weight"] = sd[f"synthesis.b{res}.torgb.weight"][None]
+        out[f"{src}.conv.modulation.weight"] = sd[f"synthesis.b{res}.torgb.affine.weight"]
+        out[f"{src}.conv.modulation.bias"] = sd[f"synthesis.b{res}.torgb.affine.bias"]
+        out[f"{src}.bias"] = sd[f"synthesis.b{res}.torgb.bias"].reshape(1, -1, 1, 1)
+        if res > 4:
+            out[f"{src}.upsample.kernel"] = blur
+    return out
+
+
+@pytest.mark.parametrize("zipfile", [True, False])
+def test_rosinality_checkpoint_loads_strictly_and_matches(tmp_path, zipfile):
+    G = tiny_generator()
+    path = tmp_path / "550000.pt"
+    data = {"g_ema": to_rosinality(G), "latent_avg": G.mapping.w_avg.clone(), "args": argparse.Namespace(size=32)}
+    torch.save(data, path, _use_new_zipfile_serialization=zipfile)
+    assert detect_format(path) == "rosinality_pt"
+    loaded = load_generator(path)
+    assert architecture(loaded)["channels"] == architecture(G)["channels"]
+    assert architecture(loaded)["conv_clamp"] is None  # rosinality trains in fp32 without clamping
+    loaded.synthesis.set_precision(1, 256)  # give it G's precision to compare bit for bit
+    same_image(G, loaded)
+
+
+def test_rosinality_checkpoint_without_latent_avg_estimates_it(tmp_path):
+    G = tiny_generator()
+    torch.save({"g_ema": to_rosinality(G)}, tmp_path / "g.pt")
+    with pytest.warns(UserWarning, match="latent_avg"):
+        loaded = load_generator(tmp_path / "g.pt")
+    expected = G.mapping(torch.randn(10000, G.z_dim))[:, 0].mean(dim=0)
+    torch.testing.assert_close(loaded.mapping.w_avg, expected, atol=0.05, rtol=0.05)
+
+
+# ---------------------------------------------------------------------------- t2f format, errors, CLI
+
+
+def test_t2f_safetensors_round_trip(tmp_path):
+    G = tiny_generator()
+    weights, sidecar = save_generator(G, tmp_path / "gen")
+    assert (weights.name, sidecar.name) == ("gen.safetensors", "gen.json")
+    record = json.loads(sidecar.read_text())
+    assert record["format"] == "t2f-generator" and record["architecture"]["num_ws"] == G.num_ws
+    assert detect_format(weights) == "t2f"
+    same_image(G, load_generator(weights))
+    sidecar.unlink()  # the architecture is also embedded in the safetensors metadata
+    same_image(G, load_generator(weights))
+
+
+def test_damaged_files_give_clear_errors(tmp_path, nvlabs_modules):
+    pkl = write_nvlabs_pickle(tiny_generator(), tmp_path / "net.pkl", nvlabs_modules)
+    weights, _ = save_generator(tiny_generator(), tmp_path / "gen.safetensors")
+    cases = {"truncated.pkl": pkl.read_bytes()[: pkl.stat().st_size // 2],
+             "truncated.safetensors": weights.read_bytes()[:-100],
+             "noise.bin": os.urandom(64), "empty.pkl": b"", "list.pkl": pickle.dumps([1, 2])}
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(CheckpointError, match=name):
+            load_generator(tmp_path / name)
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_generator(tmp_path / "missing.pkl")
+    assert not nvlabs_modules.marker.exists()
+
+
+def test_convert_command_round_trip(tmp_path, nvlabs_modules, capsys):
+    G = tiny_generator()
+    src = write_nvlabs_pickle(G, tmp_path / "ffhq.pkl", nvlabs_modules)
+    assert cli_main(["convert", str(src), str(tmp_path / "out" / "ffhq")]) == 0
+    printed = capsys.readouterr().out
+    assert "nvlabs_pkl" in printed and f"num_ws         {G.num_ws}" in printed and "4:32, 8:32, 16:16, 32:8" in printed
+    same_image(G, load_generator(tmp_path / "out" / "ffhq.safetensors"))
+
+    (tmp_path / "broken.pkl").write_bytes(src.read_bytes()[:1000])
+    assert cli_main(["convert", str(tmp_path / "broken.pkl"), str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "broken.pkl" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["convert", "--help"])
+    assert exit_info.value.code == 0 and "rosinality" in capsys.readouterr().out
+
+
+def test_generator_from_config(tmp_path):
+    G = tiny_generator()
+    save_generator(G, tmp_path / "gen")
+    cfg = GeneratorConfig(checkpoint=str(tmp_path / "gen.safetensors"), num_fp16_res=0, conv_clamp=None, impl="ref")
+    with pytest.warns(UserWarning, match="resolution=1024"):
+        loaded = generator_from_config(cfg)
+    arch = architecture(loaded)
+    assert arch["img_resolution"] == 32 and (arch["num_fp16_res"], arch["conv_clamp"]) == (0, None)
+    assert loaded.synthesis.b32.conv1.impl == "ref"
+    fresh = generator_from_config(GeneratorConfig(resolution=16, z_dim=8, w_dim=8, channel_base=64, channel_max=8,
+                                                  mapping_layers=2))
+    assert fresh(torch.randn(1, 8)).shape == (1, 3, 16, 16) and fresh.num_ws == 6
+
+
+def test_rosinality_keys_without_a_counterpart_are_reported(tmp_path):
+    sd = to_rosinality(tiny_generator())
+    sd["convs.0.conv.extra_gate"] = torch.zeros(3)
+    torch.save({"g_ema": sd, "latent_avg": torch.zeros(16)}, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match=r"odd\.pt.*extra_gate"):
+        load_generator(tmp_path / "odd.pt")
