@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from t2f.ops.dispatch import choose_impl, disable_triton
+from t2f.ops.dispatch import KernelUnavailable, choose_impl, disable_triton
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,6 @@ def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None, 
             from t2f.ops import triton_bias_act
 
             return triton_bias_act.bias_act(x, b, dim, act, alpha, gain, clamp)
-        except (ImportError, RuntimeError) as error:  # compile failures surface as RuntimeError
+        except (ImportError, KernelUnavailable) as error:  # Triton cannot run here; see dispatch.py
             disable_triton("bias_act", error)
     return bias_act_ref(x, b, dim, act, alpha, gain, clamp)

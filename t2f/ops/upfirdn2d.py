@@ -10,7 +10,7 @@ once per filter dimension for separable filters).
 import torch
 import torch.nn.functional as F
 
-from t2f.ops.dispatch import choose_impl, disable_triton
+from t2f.ops.dispatch import KernelUnavailable, choose_impl, disable_triton
 
 
 def _pair(value):
@@ -97,7 +97,7 @@ def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1, impl="au
             from t2f.ops import triton_upfirdn2d
 
             return triton_upfirdn2d.upfirdn2d(x, f, up, down, padding, flip_filter, gain)
-        except (ImportError, RuntimeError) as error:
+        except (ImportError, KernelUnavailable) as error:  # Triton cannot run here; see dispatch.py
             disable_triton("upfirdn2d", error)
     return upfirdn2d_ref(x, f, up, down, padding, flip_filter, gain)
 
