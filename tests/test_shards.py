@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from t2f.data import shards
-from t2f.data.shards import build_shards, read_manifest
+from t2f.data.manifest import read_manifest
+from t2f.data.shards import build_shards
 from t2f.data.sources import SampleSpec
 from t2f.data.vocab import Vocab
 
@@ -209,14 +210,18 @@ def test_api_with_in_memory_images_and_text_features(tmp_path):
 
             return torch.tensor([[len(c), 1.0, 2.0, 3.0] for c in captions])
 
-    specs = [SampleSpec(f"s.{i}", np.full((12, 12, 3), i, np.uint8), ["a" * (i + 1), "bb"], "train") for i in range(5)]
+    specs = [SampleSpec(f"s.{i}", np.full((12, 12, 3), i, np.uint8), ["a" * (i + 1), "bb"], "train",
+                        {"Smiling": i % 2 == 1}) for i in range(5)]
     manifest = build_shards(specs, tmp_path / "out", resolution=12, shard_size=2, text_encoder=StubEncoder(), progress=False)
     assert manifest["text_encoder"] == {"name": "stub", "dim": 4, "dtype": "float16", "file": "text.npy"}
+    assert manifest["attributes"] == ["Smiling"]  # inferred from the samples
     with tarfile.open(tmp_path / "out" / "train-000001.tar") as tar:
         names = tar.getnames()
         rows = np.load(tarfile.io.BytesIO(tar.extractfile("s_2.text.npy").read()))
+        meta = json.loads(tar.extractfile("s_3.json").read())
     assert names == ["s_2.json", "s_2.png", "s_2.text.npy", "s_3.json", "s_3.png", "s_3.text.npy"]
     assert rows.dtype == np.float16 and rows[:, 0].tolist() == [3.0, 2.0]
+    assert meta["id"] == "s.3" and meta["attributes"] == {"Smiling": 1}
 
 
 def test_cli_stores_features_of_the_packaged_text_encoder(tmp_path):

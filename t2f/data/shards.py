@@ -37,8 +37,8 @@ import os
 import sys
 from pathlib import Path
 
-from t2f.data.manifest import (MANIFEST_NAME, manifest_dict, previous_entries, read_manifest, sha256_file,
-                               verify_shards, write_manifest)
+from t2f.data.manifest import (MANIFEST_NAME, manifest_dict, previous_entries, sha256_file, verify_shards,
+                               write_manifest)
 from t2f.data.sources import (BadSample, SourceError, check_samples, id_sort_key, read_celebatext, read_jsonl,
                               read_mmcelebahq, tar_key)
 
@@ -64,10 +64,14 @@ def build_shards(samples, out_dir, *, resolution=256, fmt="png", quality=95, sha
     """Write the shards, vocabulary and manifest for `samples` (SampleSpecs); return the manifest.
 
     `bad` are samples a reader already rejected; `text_encoder` is any object with `.name` and
-    `.encode(list[str]) -> (B, D) tensor`; `limit` keeps the first N ids of each split.
+    `.encode(list[str]) -> (B, D) tensor`; `limit` keeps the first N ids of each split;
+    `attribute_names` fixes the column order (default: the first labelled sample's keys).
     """
     if fmt not in ("png", "jpg"):
         raise ValueError(f"format must be 'png' or 'jpg', got {fmt!r}")
+    samples = list(samples)
+    if not attribute_names:  # the first labelled sample names them; the checks hold the rest to it
+        attribute_names = next((list(s.attributes) for s in samples if s.attributes), [])
     good, bad = _validated(samples, bad, limit, min_captions, attribute_names, workers, progress, skip_bad)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
