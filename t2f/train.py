@@ -27,7 +27,9 @@ from t2f.checkpointing import latest_checkpoint, read_state, resolve_checkpoint,
 from t2f.config import load_config, save_config
 from t2f.monitor import Monitor, init_tracking
 
-REQUEUE_EXIT_CODE = 3  # "preempted after a clean checkpoint": slurm/train.sbatch requeues on it
+# "Stopped by a signal after a clean checkpoint": slurm/train.sbatch requeues the job on it. Defined
+# in ./launch (T2F_REQUEUE_EXIT, sysexits' EX_TEMPFAIL); the default serves runs started without it.
+REQUEUE_EXIT_CODE = int(os.environ.get("T2F_REQUEUE_EXIT", "75"))
 
 
 def parse_args(argv):
@@ -53,12 +55,18 @@ class StopRequest:
 
 def make_accelerator(cfg, cpu: bool):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-    mode = cfg.wandb.mode
-    log_with = None if mode == "disabled" else "wandb"
+    handlers = []
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and (cpu or not torch.cuda.is_available()):
+        # Accelerate's cpu=True switches DeepSpeed off, and without CUDA it picks no backend and
+        # counts one process. DeepSpeed's own CPU accelerator runs ZeRO over gloo when asked for it.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        cpu = False
+    log_with = None if cfg.wandb.mode == "disabled" else "wandb"
     return Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
-                       log_with=log_with, project_config=ProjectConfiguration(project_dir=cfg.train.run_dir))
+                       log_with=log_with, project_config=ProjectConfiguration(project_dir=cfg.train.run_dir),
+                       kwargs_handlers=handlers)
 
 
 def build_parts(cfg, device):
@@ -175,7 +183,7 @@ def main(argv=None) -> int:
     device = accelerator.device
     text_encoder, generator, vocab, model = build_parts(cfg, device)
     optimizer = make_optimizer(cfg, model)
-    _set_deepspeed_batch_size(accelerator, cfg)
+    _configure_deepspeed(accelerator, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = resume_state(args, cfg, accelerator)
     wandb_on = init_tracking(accelerator, cfg, run_dir) not in ("disabled",)
@@ -247,11 +255,13 @@ def _clip(accelerator, model, cfg):
     return math.nan
 
 
-def _set_deepspeed_batch_size(accelerator, cfg):
-    """DeepSpeed wants the micro-batch size; Accelerate cannot infer it since no DataLoader is prepared."""
+def _configure_deepspeed(accelerator, cfg):
+    """Fill DeepSpeed's "auto" values Accelerate cannot infer (no DataLoader is prepared) from our config."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+        if plugin.deepspeed_config.get("gradient_clipping") == "auto":
+            plugin.deepspeed_config["gradient_clipping"] = cfg.optim.grad_clip
 
 
 def _finish(accelerator, monitor, code: int) -> int:

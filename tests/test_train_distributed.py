@@ -1,0 +1,61 @@
+"""Two CPU processes under `accelerate launch` (gloo): DDP keeps the ranks in lock-step."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from t2f.checkpointing import latest_checkpoint
+from tiny import tiny_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(script, args, tmp_path, mode=("--multi_gpu",)):
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", *mode, "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", str(free_port()), str(script), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"accelerate launch failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def test_two_processes_keep_identical_weights_and_consume_the_same_batches(tmp_path):
+    overrides = tiny_overrides(tmp_path, tmp_path / "run", steps=4)
+    accelerate_launch(ROOT / "tests" / "ddp_probe.py", [str(tmp_path), "--cpu", "--config", "toy", *overrides], tmp_path)
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    for key in ranks[0]:
+        torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0, msg=f"ranks differ at {key}")
+    counts = [json.loads((tmp_path / f"rank{r}.json").read_text())["batches"] for r in (0, 1)]
+    assert counts == [4, 4]
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 4  # only the main process writes the log
+
+
+def test_deepspeed_zero2_trains_on_cpu_and_its_checkpoint_resumes(tmp_path):
+    """ZeRO-2 through Accelerate's DeepSpeed plugin, on DeepSpeed's CPU accelerator over gloo."""
+    ds = ["--use_deepspeed", "--deepspeed_config_file", str(ROOT / "t2f" / "configs" / "deepspeed_zero2.json")]
+    overrides = tiny_overrides(tmp_path, tmp_path / "run", steps=2)
+    accelerate_launch(ROOT / "t2f" / "train.py", ["--config", "toy", *overrides], tmp_path, ds)
+    first = latest_checkpoint(tmp_path / "run")
+    assert first.name == "step-00000002" and (first / "pytorch_model").is_dir()  # DeepSpeed's own shard layout
+
+    result = accelerate_launch(ROOT / "t2f" / "train.py", ["--config", "toy", *overrides, "train.steps=4"], tmp_path, ds)
+    assert f"resumed from {first}" in result.stdout + result.stderr
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000004"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    weights = load_file(str(latest_checkpoint(tmp_path / "run") / "t2f.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
