@@ -4,8 +4,7 @@ On CPU the Triton kernels run in Triton's interpreter. TRITON_INTERPRET is read 
 function is jitted, and t2f.ops.dispatch jits kernels lazily at launch, once per mode, so the
 `device` fixture below sets the variable per test and nothing depends on import order or on
 other test files. With CUDA present the same grid also runs on the GPU (real compiled kernels).
-A further test compiles every kernel variant for sm_90 on the CPU (no GPU needed), which
-catches what the interpreter cannot: code the Triton compiler rejects.
+test_ops_integration.py compiles every kernel variant for sm_90 and runs the synthesis network.
 """
 
 import math
@@ -18,7 +17,7 @@ from t2f.ops import dispatch, triton_bias_act, triton_upfirdn2d
 from t2f.ops.bias_act import ACTIVATIONS, bias_act, bias_act_ref
 from t2f.ops.upfirdn2d import downsample2d, filter2d, setup_filter, upfirdn2d, upfirdn2d_ref, upsample2d
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # ~ 2 ulp of each dtype
 
 
@@ -296,84 +295,3 @@ def test_t2f_ops_ref_forces_the_reference(monkeypatch):
     bias_act(torch.zeros(2, 3), torch.zeros(3), impl="triton")
     assert calls == []
 
-
-# ---------------------------------------------------------------- the synthesis network
-
-
-def test_tiny_synthesis_network_triton_matches_reference(monkeypatch):
-    from t2f.models.synthesis import SynthesisNetwork, set_impl
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("T2F_OPS", raising=False)
-    torch.manual_seed(0)
-    net = SynthesisNetwork(w_dim=8, img_resolution=16, img_channels=3, channel_base=64, channel_max=8,
-                           num_fp16_res=0, conv_clamp=1.0, impl="ref")  # fmt: skip
-    with torch.no_grad():  # non-zero biases and noise strengths, so every op path matters
-        for param in net.parameters():
-            param.add_(0.2 * torch.randn_like(param))
-    ws = torch.randn(2, net.num_ws, 8)
-    dimg = torch.randn(2, 3, 16, 16)
-
-    def image_and_grad(impl):
-        img, (dws,) = _grads(lambda ws: set_impl(net, impl)(ws), [ws], dimg)
-        return img, dws
-
-    img_ref, dws_ref = image_and_grad("ref")
-    img, dws = image_and_grad("triton")
-    torch.testing.assert_close(img, img_ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(dws, dws_ref, rtol=1e-4, atol=1e-4)
-
-
-# ---------------------------------------------------------------- compiling for a real GPU
-
-
-def _compile_for_sm90(fn, args, meta):
-    """Compile a captured launch for an H100/H200 (sm_90) on the CPU, specialising like the JIT."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kernel = triton.jit(fn)
-    constexprs, num_warps = dict(meta), meta["num_warps"]
-    del constexprs["num_warps"]
-    signature, attrs = {}, {}
-    for index, (name, value) in enumerate(zip(kernel.arg_names, args)):
-        if isinstance(value, torch.Tensor):
-            signature[name] = "*" + str(value.dtype).replace("torch.float", "fp").replace("torch.bfloat16", "bf16")
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        elif value == 1:
-            constexprs[name] = 1
-        else:
-            signature[name] = "i32"
-            if value % 16 == 0:
-                attrs[(index,)] = [["tt.divisibility", 16]]
-    signature = {name: "constexpr" if name in constexprs else signature[name] for name in kernel.arg_names}
-    target = GPUTarget("cuda", 90, 32)
-    options = triton.compiler.make_backend(target).parse_options({"num_warps": num_warps})
-    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
-
-
-def test_every_kernel_variant_compiles_for_sm90(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets impl='triton' accept CPU tensors; nothing runs
-    monkeypatch.delenv("T2F_OPS", raising=False)
-    launches = []
-    capture = lambda fn, grid, *args, **meta: launches.append((fn, args, meta))  # noqa: E731
-    monkeypatch.setattr(triton_bias_act, "launch", capture)
-    monkeypatch.setattr(triton_upfirdn2d, "launch", capture)
-    half = dict(dtype=torch.float16)
-    for act in sorted(ACTIVATIONS):
-        x = torch.zeros(8, 64, 16, 16, **half)
-        _grads(lambda x: triton_bias_act.bias_act(x, torch.zeros(64), act=act, clamp=256), [x], x)
-    x = torch.zeros(8, 64, 16, 16, **half).to(memory_format=torch.channels_last)
-    triton_bias_act.bias_act(x, torch.zeros(64, **half), act="lrelu")
-    f, f1 = setup_filter([1, 3, 3, 1]), setup_filter([1, 3, 3, 1], separable=True)
-    x = torch.zeros(8, 64, 33, 33, **half)
-    _grads(lambda x: triton_upfirdn2d.upfirdn2d(x, f, padding=1, gain=4), [x], torch.zeros(8, 64, 32, 32))
-    _grads(lambda x: upsample2d(x, f, impl="triton"), [x], torch.zeros(8, 64, 66, 66))  # + its down=2 grad
-    triton_upfirdn2d.upfirdn2d(x.to(memory_format=torch.channels_last), f1, up=2, padding=2)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    for fn, args, meta in launches:
-        assert "cubin" in _compile_for_sm90(fn, args, meta).asm, (fn.__name__, meta)
-    assert len(launches) == 2 * len(ACTIVATIONS) + 1 + 5  # bias_act fwd+bwd per act, 5 upfirdn2d

@@ -4,9 +4,10 @@ One kernel source serves both directions (`BACKWARD` is a compile-time flag), so
 activation formulas exist once. Forward reads x once and writes y once, in place of the
 reference's chain of elementwise ops (add, act, mul, clamp), each a full read and write.
 Backward recomputes z = x + b and act(z) from the saved input rather than storing
-intermediates, applies the activation's derivative, the gain and the clamp mask (zero
-gradient where |output| reached the clamp, boundary included, as torch.clamp does) and writes dx; db is a
-float32-accumulated sum of dx over every dimension but `dim`.
+intermediates, applies the activation's derivative, the gain and the clamp mask (zero gradient
+where |output| reached the clamp, boundary included, as torch.clamp does) and writes dx; db is
+a float32-accumulated sum of dx over every dimension but `dim` (torch's reduction: the frozen
+generator never asks for it).
 
 Layout: the kernel sees a dense tensor as (outer, C, inner) in memory order, whatever the
 logical order of its dimensions, so NCHW, channels-last and (N, C) inputs are all read in
