@@ -148,3 +148,14 @@ def test_wandb_offline_run_is_kept_in_the_run_directory(tiny, tmp_path):
     assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run directory"
     assert (run / "wandb_id.txt").is_file()
     assert (run / "samples" / "step-00000002.png").is_file()
+
+
+def test_bench_train_runs_the_real_step_on_cpu(capsys):
+    from t2f.bench import main as bench
+
+    assert bench(["train", "--cpu-smoke", "--config", "toy", "--steps", "1", "--batch-size", "2",
+                  "generator.resolution=32", "generator.channel_base=128", "generator.channel_max=16",
+                  "generator.z_dim=16", "generator.w_dim=16"]) == 0
+    out = capsys.readouterr().out
+    rate = float(out.split("fp32 + reference")[1].split()[0])
+    assert rate > 0
