@@ -37,6 +37,14 @@ def wait_for_file(path: Path, timeout: float, ready=lambda p: p.exists()):
     raise AssertionError(f"{path} not ready after {timeout} s")
 
 
+def alive(pid: int) -> bool:
+    """Running, or stopped: anything but gone or a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def job_env(tmp_path: Path, **extra) -> dict:
     """What a job of train.sbatch needs here: CPU processes, caches and run dirs in tmp."""
     return {"T2F_GPUS_PER_NODE": "0", "T2F_CPU_PROCS": "2", "T2F_CACHE": str(tmp_path / "cache"),
@@ -59,9 +67,10 @@ def test_usr1_reaches_the_batch_trap_and_a_requeued_job_runs_again(slurm_cluster
 cd {tmp_path}
 echo "restart=${{SLURM_RESTART_COUNT:-0}}" >> runs.log
 [[ ${{SLURM_RESTART_COUNT:-0}} -ge 1 ]] && exit 0
-trap 'echo USR1 > trapped; scontrol requeue $SLURM_JOB_ID; exit 0' USR1
+sleep 300 &
+trap "echo USR1 > trapped; kill $!; scontrol requeue $SLURM_JOB_ID; exit 0" USR1
 touch started
-sleep 300 & wait
+wait
 """)
     job = slurm_cluster.sbatch(job_script, options=["--requeue", f"--output={tmp_path}/%j.out"], cwd=tmp_path)
     wait_for_file(tmp_path / "started", timeout=60)
@@ -70,6 +79,26 @@ sleep 300 & wait
     assert (tmp_path / "trapped").read_text().strip() == "USR1"
     assert (tmp_path / "runs.log").read_text().split() == ["restart=0", "restart=1"]
     assert slurm_cluster.job(job)["Restarts"] == "1"
+
+
+def test_stop_cancels_jobs_and_ends_only_the_daemons_it_started(slurm_cluster, tmp_path):
+    from slurm_cluster import SlurmCluster
+
+    second = SlurmCluster(tmp_path / "second").start()
+    try:
+        daemons = second.pids()
+        long_job = script(tmp_path / "long.sh", f"sleep 300 & echo $$ $! > {tmp_path}/pids; wait\n")
+        second.sbatch(long_job, options=[f"--output={tmp_path}/%j.out"], cwd=tmp_path)
+        wait_for_file(tmp_path / "pids", timeout=60, ready=lambda p: p.exists() and p.read_text().strip())
+    finally:
+        second.stop()
+    job_pids = [int(pid) for pid in (tmp_path / "pids").read_text().split()]
+    assert not [pid for pid in daemons.values() if alive(pid)]
+    deadline = time.monotonic() + 10  # the job's processes may take a moment to be reaped
+    while [pid for pid in job_pids if alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in job_pids if alive(pid)], "stop() left the job's processes running"
+    assert all(proc.poll() is None for proc in slurm_cluster.procs.values()), "the other cluster must live on"
 
 
 # ---------------------------------------------------------------------------- train.sbatch wiring
@@ -171,32 +200,24 @@ def metric_steps(run_dir: Path) -> list:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"train/loss"' in line]
 
 
-def test_toy_training_on_two_cpu_processes_completes_with_checkpoint_and_metrics(slurm_cluster, tmp_path):
+def test_toy_training_on_two_cpu_ranks_survives_usr1_and_trains_every_step_once(slurm_cluster, tmp_path):
+    # One job covers both of the issue's cases: the requeued half is a plain run to COMPLETED.
     from t2f.checkpointing import latest_checkpoint, read_state
 
-    job = submit_train(slurm_cluster, tmp_path, *tiny_train_args(tmp_path, 4))
-    slurm_cluster.wait(job, "COMPLETED", timeout=240)
-    run_dir = tmp_path / "runs" / f"t2f-train-{job}"
-    ckpt = latest_checkpoint(run_dir)
-    assert ckpt is not None and read_state(ckpt)["step"] == 4
-    # Accelerate's save_state writes one RNG file per process: both ranks took part.
-    assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
-    assert metric_steps(run_dir) == [1, 2, 3, 4]
-
-
-def test_preempted_toy_training_resumes_to_exactly_the_requested_steps(slurm_cluster, tmp_path):
-    from t2f.checkpointing import latest_checkpoint, read_state
-
-    steps = 60
+    steps = 40
     job = submit_train(slurm_cluster, tmp_path, *tiny_train_args(tmp_path, steps))
     run_dir = tmp_path / "runs" / f"t2f-train-{job}"
     wait_for_file(run_dir, timeout=240, ready=lambda d: len(metric_steps(d)) >= 2)
     slurm_cluster.signal(job, "USR1")
     slurm_cluster.wait(job, "COMPLETED", timeout=300)
     assert slurm_cluster.job(job)["Restarts"] == "1", "the job should have been requeued once"
-    assert "resumed from" in slurm_cluster.output(job)
+    output = slurm_cluster.output(job)
+    assert "checkpoint at step" in output and "resumed from" in output
     assert metric_steps(run_dir) == list(range(1, steps + 1))  # no step lost, none done twice
-    assert read_state(latest_checkpoint(run_dir))["step"] == steps
+    ckpt = latest_checkpoint(run_dir)
+    assert read_state(ckpt)["step"] == steps
+    # Accelerate's save_state writes one RNG file per process: both ranks took part.
+    assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
 
 
 def test_array_shard_job_writes_the_same_shards_and_manifest_as_a_local_build(slurm_cluster, tmp_path):
