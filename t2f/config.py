@@ -140,6 +140,7 @@ class EvalConfig:  # `t2f eval` and the periodic evaluation (t2f/eval/evaluate.p
     lpips_alexnet: str = ""  # alexnet-owt-7be5be79.pth; empty = the torch hub cache
     lpips_linear: str = ""  # LPIPS v0.1 alex.pth; empty = the copy inside the lpips package
     stats_cache: str = ""  # real FID statistics; empty = $T2F_CACHE/fid_stats or ~/.cache/t2f/fid_stats
+    toy_classifier: str = ""  # toy attribute classifier .safetensors; empty = the one shipped in t2f/toy/assets
 
 
 @dataclass(frozen=True)

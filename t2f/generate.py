@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     from t2f.models.checkpoints import CheckpointError
     from t2f.models.text_encoder import TextEncoderError
 
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.n < 1:
             raise UsageError(f"--n must be at least 1, got {args.n}")

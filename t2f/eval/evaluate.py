@@ -1,0 +1,367 @@
+"""`t2f eval`: FID, LPIPS and text consistency of a checkpoint on a test split; also the periodic eval.
+
+    t2f eval --ckpt runs/mmcelebahq --metrics fid,lpips --protocol one
+    accelerate launch -m t2f.eval.evaluate --ckpt runs/mmcelebahq          # every GPU takes a slice
+
+    metrics = evaluate(pipeline, max_images=cfg.eval.subset, step=step, log_fn=log)   # the trainer
+
+What is measured (the protocol is written next to every number, in the log and in metrics.json):
+- fid: clean-fid 'clean' FID, images generated from the split's captions vs the split's real
+  images (t2f/eval/fid.py); real statistics are cached per (shards, split, resolution, subset,
+  protocol, extractor);
+- lpips (paired, the paper's): generated image vs the real image of its caption; diversity:
+  two samples of the same caption (t2f/eval/lpips.py);
+- bleu: the recaptioner's greedy caption of each generated image vs the caption it was made from;
+- on toy shards (manifest source 'toy'), also attributes (the toy classifier's reading vs the
+  caption's attributes) and toy_fid (FID on the toy classifier's features).
+
+Caption protocol: `one` generates one image from the first caption of every test image; `all`
+generates one image from every caption. Every rank reads the split in the same order and takes
+every world_size-th image, so a subset means the same images on any number of ranks; per-image
+CA noise is seeded from (seed, image id, caption index), so results do not depend on the rank
+count. Ranks send their partial results to rank 0, which computes and writes metrics.json.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from t2f.config import to_dict
+from t2f.eval.fid import FidMeter, RealStatsCache
+from t2f.eval.hooks import EvalHooks, build_hooks
+from t2f.inference import resize_images, sample_seed
+
+METRICS = ("fid", "lpips", "diversity", "bleu", "attributes", "toy_fid")
+TOY_METRICS = ("attributes", "toy_fid")
+PROTOCOLS = {"one": "one image per test image, from its first caption",
+             "all": "one image per caption, every caption of every test image"}
+
+
+def parse_metrics(text: str, toy: bool) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown:
+        raise ValueError(f"eval.metrics: unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
+    return names + [m for m in TOY_METRICS if toy and m not in names]
+
+
+def config_hash(cfg) -> str:
+    """Hash of the model's config (the eval section left out: it is recorded as the protocol)."""
+    tree = {k: v for k, v in to_dict(cfg).items() if k != "eval"}
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------- distributed helpers
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(obj, world: int) -> list | None:
+    """Every rank's `obj` on rank 0 (None elsewhere)."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def _broadcast(obj, world: int):
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------- the evaluation
+
+
+def evaluate(pipeline, *, shards=None, split=None, max_images=None, step=None, out_path=None, log_fn=None,
+             hooks: EvalHooks | None = None, skip_missing=False, progress=True) -> dict:
+    """Run the metrics of `pipeline.cfg.eval` on `split` of `shards`; every rank must call it.
+
+    Returns the metrics record on every rank; rank 0 writes it to `out_path` (when given) and
+    calls `log_fn({"eval/<name>": value}, step)`. `hooks` supplies feature extractors, the LPIPS
+    model and the attribute scorer (built from the config when missing); with `skip_missing`, a
+    metric whose weights are not on disk is skipped with a warning instead of raising.
+    """
+    from t2f.data.loader import make_eval_loader, read_manifest
+
+    cfg, e = pipeline.cfg, pipeline.cfg.eval
+    shards, split = str(shards or cfg.data.shards), split or cfg.data.eval_split
+    max_images = e.max_images if max_images is None else max_images
+    if e.protocol not in PROTOCOLS:
+        raise ValueError(f"eval.protocol must be one of {', '.join(PROTOCOLS)}, got {e.protocol!r}")
+    manifest = read_manifest(shards)
+    metrics = parse_metrics(e.metrics, toy=manifest.get("source") == "toy")
+    hooks, skipped = build_hooks(cfg, pipeline.device, metrics, hooks, skip_missing)
+    metrics = [m for m in metrics if m not in skipped]
+    rank, world = _rank_world()
+    resolution = e.resolution or cfg.data.resolution
+    data_id = {"split": split, "shards": _split_digest(manifest, split), "resolution": resolution,
+               "max_images": max_images, "protocol": e.protocol}
+    meters = _fid_meters(hooks, metrics, data_id, e.stats_cache, world)
+    loader = make_eval_loader(shards, split, batch_size=e.batch_size, resolution=resolution, vocab=pipeline.vocab,
+                              max_tokens=cfg.data.max_caption_tokens)
+    tic = time.perf_counter()
+    records, seen = _run(pipeline, loader, rank, world, max_images, meters, hooks, metrics, resolution, progress)
+    parts = _gather((records, {name: m.moments() for name, m in meters.items()}), world)
+    result = None
+    if rank == 0:
+        values = _combine(parts, meters, metrics)
+        result = _record(pipeline, values, metrics, skipped, seen, data_id, shards, step, time.perf_counter() - tic,
+                         meters, sum(len(r) for r, _ in parts))
+        _report(result, out_path, log_fn)
+    return _broadcast(result, world)
+
+
+def _split_digest(manifest: dict, split: str) -> str:
+    """What the real images depend on: the split's shard names and checksums (not where they live)."""
+    if split not in manifest["splits"]:
+        raise ValueError(f"split {split!r} is not in the shards; they have: {', '.join(manifest['splits'])}")
+    shards = [(s["name"], s.get("sha256")) for s in manifest["splits"][split]["shards"]]
+    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
+
+
+def _fid_meters(hooks, metrics, data_id, stats_cache, world) -> dict:
+    cache = RealStatsCache(stats_cache or None)
+    extractors = {"fid": hooks.fid_extractor, "toy_fid": hooks.toy_extractor}
+    meters = {name: FidMeter(extractors[name], data_id, cache) for name in ("fid", "toy_fid") if name in metrics}
+    # rank 0 alone computes and caches the real statistics: every rank follows its decision
+    needs = _broadcast({name: m.needs_real for name, m in meters.items()}, world)
+    for name, meter in meters.items():
+        meter.collect_real = needs[name]
+    return meters
+
+
+def _my_images(loader, rank: int, world: int, limit: int, counter: list):
+    """(key, real image, captions) of every world_size-th image of the split, the first `limit` only."""
+    for batch in loader:
+        for j, key in enumerate(batch["key"]):
+            if limit and counter[0] >= limit:
+                return
+            if counter[0] % world == rank:
+                yield key, batch["image"][j], batch["all_captions"][j]
+            counter[0] += 1
+
+
+def _chunks(items, size: int):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@torch.no_grad()
+def _run(pipeline, loader, rank, world, limit, meters, hooks, metrics, resolution, progress):
+    """This rank's share: per generated image a record, FID moments in the meters."""
+    from tqdm.auto import tqdm
+
+    e, counter, records = pipeline.cfg.eval, [0], []
+    images = _my_images(loader, rank, world, limit, counter)
+    bar = tqdm(desc="eval", unit="img", disable=not progress or rank != 0, leave=False)
+    for group in _chunks(images, e.batch_size):
+        reals = torch.stack([image for _, image, _ in group]).to(pipeline.device)  # (B, 3, R, R)
+        for meter in meters.values():
+            meter.add_real(reals)
+        jobs = [(i, key, c, caption) for i, (key, _, captions) in enumerate(group)
+                for c, caption in enumerate(captions[:1] if e.protocol == "one" else captions)]
+        for chunk in _chunks(jobs, e.batch_size):
+            records += _score(pipeline, chunk, reals, meters, hooks, metrics, resolution)
+        bar.update(len(group))
+    bar.close()
+    return records, counter[0]
+
+
+def _generate(pipeline, captions, seeds, resolution):
+    s = pipeline.encode(captions)  # (B, S)
+    ws = pipeline.latents(s, seeds, pipeline.cfg.eval.truncation_psi)
+    return resize_images(pipeline.synthesize(ws, len(seeds)), resolution)  # (B, 3, R, R)
+
+
+def _score(pipeline, jobs, reals, meters, hooks, metrics, resolution) -> list[dict]:
+    e = pipeline.cfg.eval
+    captions = [caption for _, _, _, caption in jobs]
+    fakes = _generate(pipeline, captions, [sample_seed(e.seed, key, c, 0) for _, key, c, _ in jobs], resolution)
+    for meter in meters.values():
+        meter.add_generated(fakes)
+    out = [{"key": key, "caption_index": c, "caption": caption} for _, key, c, caption in jobs]
+    if "lpips" in metrics:
+        paired = reals[[i for i, _, _, _ in jobs]]  # (B, 3, R, R): the real image of each caption
+        for row, d in zip(out, hooks.lpips(fakes, paired).tolist()):
+            row["lpips"] = d
+    if "diversity" in metrics:
+        again = _generate(pipeline, captions, [sample_seed(e.seed, key, c, 1) for _, key, c, _ in jobs], resolution)
+        for row, d in zip(out, hooks.lpips(fakes, again).tolist()):
+            row["diversity"] = d
+    if "bleu" in metrics:
+        for row, text in zip(out, pipeline.read_back(fakes)):
+            row["read_back"] = text
+    if "attributes" in metrics:
+        for row, correct in zip(out, hooks.attribute_scorer(fakes, captions)):
+            row["attributes"] = correct  # list of 0/1 per attribute, or None (caption not parsable)
+    return out
+
+
+def _combine(parts, meters, metrics) -> dict:
+    """Rank 0: the numbers from every rank's records and moments, independent of rank order."""
+    from t2f.eval.captions import bleu4
+
+    records = sorted((r for rs, _ in parts for r in rs), key=lambda r: (r["key"], r["caption_index"]))
+    for name, meter in meters.items():
+        meter.use_moments([moments[name] for _, moments in parts])
+    values = {name: meter.compute() for name, meter in meters.items()}
+    if "lpips" in metrics:
+        values["lpips_paired"] = math.fsum(r["lpips"] for r in records) / len(records)
+    if "diversity" in metrics:
+        values["lpips_diversity"] = math.fsum(r["diversity"] for r in records) / len(records)
+    if "bleu" in metrics:
+        values["bleu4"] = bleu4([r["read_back"] for r in records], [[r["caption"]] for r in records])
+    if "attributes" in metrics:
+        rows = [r["attributes"] for r in records if r["attributes"] is not None]
+        if rows:
+            values["attribute_accuracy"] = math.fsum(sum(row) for row in rows) / (len(rows) * len(rows[0]))
+            values["attribute_exact_match"] = sum(all(row) for row in rows) / len(rows)
+    return values
+
+
+def _protocol(pipeline, metrics, data_id, seen: int, generated: int) -> dict:
+    from t2f.eval.captions import BLEU_PROTOCOL
+
+    e, res = pipeline.cfg.eval, data_id["resolution"]
+    size = f"generated {pipeline.resolution}px resized to {res}px (antialiased bicubic)" \
+        if pipeline.resolution != res else f"{res}px"
+    common = {"split": data_id["split"], "test_images": seen, "generated_images": generated,
+              "captions": f"{e.protocol}: {PROTOCOLS[e.protocol]}", "seed": e.seed, "truncation_psi": e.truncation_psi,
+              "resolution": size}
+    lines = {
+        "fid": "clean-fid mode=clean (8-bit images, PIL bicubic to 299), Inception-v3 pool3 2048-d; generated vs real",
+        "toy_fid": "clean-fid Frechet distance on the toy attribute classifier's penultimate features; generated vs real",
+        "lpips": "LPIPS v0.1 AlexNet, generated image vs the real image of its caption (the paper's pairing), mean",
+        "diversity": "LPIPS v0.1 AlexNet between two samples (different CA noise) of the same caption, mean",
+        "bleu": f"{BLEU_PROTOCOL}; recaptioner greedy decoding of each generated image vs its input caption",
+        "attributes": "toy classifier (p > 0.5) vs the attributes named by the input caption; "
+                      "accuracy over all attributes, exact match = every attribute right",
+    }
+    return {**common, **{m: lines[m] for m in metrics}}
+
+
+_METRIC_OF = {"fid": "fid", "toy_fid": "toy_fid", "lpips_paired": "lpips", "lpips_diversity": "diversity",
+              "bleu4": "bleu", "attribute_accuracy": "attributes", "attribute_exact_match": "attributes"}
+
+
+def _record(pipeline, values, metrics, skipped, seen, data_id, shards, step, seconds, meters, generated) -> dict:
+    if step is None and pipeline.checkpoint is not None and (pipeline.checkpoint / "state.json").is_file():
+        step = json.loads((pipeline.checkpoint / "state.json").read_text()).get("step")
+    return {"metrics": values, "protocol": _protocol(pipeline, metrics, data_id, seen, generated),
+            "step": step, "checkpoint": str(pipeline.checkpoint) if pipeline.checkpoint else None,
+            "config_hash": config_hash(pipeline.cfg), "shards": shards, "skipped": skipped,
+            "real_stats": {n: {"path": str(m.cache.path(m.parts)), "from_cache": m.real_from_cache}
+                           for n, m in meters.items()},
+            "seconds": round(seconds, 1)}
+
+
+def _report(result, out_path, log_fn) -> None:
+    p = result["protocol"]
+    print(f"[t2f eval] {p['split']} split: {p['test_images']} test images, {p['generated_images']} generated; "
+          f"captions {p['captions']}; seed {p['seed']}, truncation {p['truncation_psi']}, {p['resolution']}")
+    for name, value in result["metrics"].items():
+        print(f"  {name:<22} {value:10.4f}   [{p[_METRIC_OF[name]]}]")
+    for name, why in result["skipped"].items():
+        print(f"  {name:<22} {'skipped':>10}   [{why}]")
+    if out_path:
+        out = Path(out_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, out)
+        print(f"[t2f eval] wrote {out}")
+    if log_fn is not None:
+        log_fn({f"eval/{k}": v for k, v in result["metrics"].items()}, result["step"])
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="t2f eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="run directory (its latest checkpoint) or checkpoint directory")
+    p.add_argument("--shards", help="shard directory (default: the checkpoint's data.shards)")
+    p.add_argument("--split", help="split to evaluate (default: the checkpoint's data.eval_split)")
+    p.add_argument("--metrics", help=f"comma list of {', '.join(METRICS)} (default: eval.metrics)")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), help="caption protocol (default: eval.protocol = one)")
+    p.add_argument("--max-images", type=int, help="first N test images only (default: eval.max_images, 0 = all)")
+    p.add_argument("--out", help="metrics JSON path (default: CHECKPOINT/metrics.json)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. eval.inception=/path eval.batch_size=32")
+    return p
+
+
+def _overrides(args) -> list[str]:
+    flags = {"eval.metrics": args.metrics, "eval.protocol": args.protocol, "eval.max_images": args.max_images}
+    return list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+
+
+def main(argv=None) -> int:
+    from accelerate import PartialState
+
+    from t2f.checkpointing import CheckpointNotFound
+    from t2f.config import ConfigError
+    from t2f.eval.fid import InceptionWeightsMissing
+    from t2f.eval.lpips import LpipsWeightsMissing
+    from t2f.inference import PipelineError, load_pipeline
+    from t2f.models.text_encoder import TextEncoderError
+
+    args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("t2f eval: --device cuda but CUDA is not available here; use --device cpu", file=sys.stderr)
+        return 2
+    device, main_process = ("cpu" if cpu else "cuda"), True
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch` / torchrun: join the group
+        state = PartialState(cpu=cpu)
+        device, main_process = state.device, state.is_main_process
+    try:
+        pipeline = load_pipeline(args.ckpt, device=device, overrides=_overrides(args))
+        out = args.out or pipeline.checkpoint / "metrics.json"
+        evaluate(pipeline, shards=args.shards, split=args.split, out_path=out if main_process else None)
+    except (CheckpointNotFound, PipelineError, ConfigError, TextEncoderError, InceptionWeightsMissing,
+            LpipsWeightsMissing, FileNotFoundError, ValueError) as err:
+        print(f"t2f eval: {err}", file=sys.stderr)
+        return 2
+    finally:
+        _leave_process_group()
+    return 0
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
