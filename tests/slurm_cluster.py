@@ -33,7 +33,8 @@ PARTITION = "debug"
 NODE = "localhost"  # also the address rank 0 listens on, so it must resolve
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
                    "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-# How long a requeued job waits before it may start again (Slurm's default is 120 s).
+# Lifetime of job credentials, which is also how long a requeued job waits before it may start
+# again (Slurm's default: 120 s); long enough for a step to launch on a busy machine.
 REQUEUE_DELAY_S = 10
 
 
@@ -41,34 +42,42 @@ class SlurmError(RuntimeError):
     """The cluster could not be installed or started, or a job did not end as expected."""
 
 
-def ensure_installed() -> float:
-    """Install Debian's slurm-wlm and munge when a daemon or tool is missing; seconds spent."""
+def ensure_installed() -> None:
+    """Install Debian's slurm-wlm and munge (about 15 s) when a daemon or tool is missing."""
     if all(Path(d).exists() for d in DAEMONS) and all(shutil.which(t) for t in TOOLS):
-        return 0.0
+        return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         raise SlurmError("Slurm is not installed and this is not a root Debian/Ubuntu machine, so the "
                          "harness cannot apt-get install it. Install slurm-wlm and munge, or deselect "
                          "this tier: ./launch test -m 'not slurm'")
-    started = time.monotonic()
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in (["apt-get", "update", "-qq"],
                 ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise SlurmError(f"`{' '.join(cmd)}` failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return time.monotonic() - started
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list:
+    """Ports nothing listens on now; all sockets are held until the end so they differ."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
-def node_resources() -> tuple[int, int]:
-    """(CPUs, MB of memory) to declare: what slurmd would find, a little memory held back."""
-    mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
-    return os.cpu_count() or 1, max(256, int(mem_kb / 1024 * 0.9))
+def node_resources() -> tuple:
+    """(CPUs, MB of memory) as slurmd itself detects them (`slurmd -C`), so the node is not
+    drained for declaring more than it has."""
+    found = subprocess.run(["/usr/sbin/slurmd", "-C"], capture_output=True, text=True, check=True).stdout
+    cpus, mem_mb = (re.search(rf"\b{key}=(\d+)", found) for key in ("CPUs", "RealMemory"))
+    if not (cpus and mem_mb):
+        raise SlurmError(f"could not read CPUs and RealMemory from `slurmd -C`: {found!r}")
+    return int(cpus.group(1)), int(mem_mb.group(1))
 
 
 def slurm_conf(root: Path, ctld_port: int, slurmd_port: int) -> str:
@@ -127,16 +136,14 @@ class SlurmCluster:
         self.conf = self.root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
         self.procs = {}  # daemon name -> Popen
-        self.timings = {}  # what took how long, for the report of a test session
 
     # ------------------------------------------------------------------ life cycle
 
     def start(self, timeout: float = 60):
-        self.timings["apt_install_s"] = ensure_installed()
-        started = time.monotonic()
+        ensure_installed()
         for sub in ("munge", "state", "spool", "run", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.conf.write_text(slurm_conf(self.root, free_port(), free_port()))
+        self.conf.write_text(slurm_conf(self.root, *free_ports(2)))
         (self.root / "plugstack.conf").write_text("")
         try:
             self._start_munged(timeout)
@@ -147,7 +154,6 @@ class SlurmCluster:
         except BaseException:
             self.stop()
             raise
-        self.timings["cluster_start_s"] = time.monotonic() - started
         return self
 
     def _start_munged(self, timeout):
