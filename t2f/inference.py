@@ -13,6 +13,7 @@ fp16 layers run in fp16 (as in training); on CPU everything runs in fp32.
 """
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -138,6 +139,10 @@ def load_pipeline(run_or_ckpt, device="cpu", overrides=()) -> Pipeline:
         vocab = Vocab.load(ckpt / "vocab.json")
     except (OSError, ValueError) as err:
         raise PipelineError(f"{ckpt}: {err}") from None
+    if not cfg.generator.checkpoint:
+        warnings.warn(f"{ckpt}: trained with a randomly initialised generator (generator.checkpoint is empty), "
+                      "which checkpoints do not store; this one is a new random generator, so images will not "
+                      "match training. Override generator.checkpoint=FILE with the generator it was trained with.")
     text_encoder, generator, model = _build_models(cfg, len(vocab), device)
     try:
         model.load_state_dict(state)

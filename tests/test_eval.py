@@ -234,3 +234,22 @@ def test_eval_protocol_all_and_bad_checkpoint(eval_setup, tmp_path, capsys):
 
     assert evaluate.main(["--ckpt", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
     assert "no t2f checkpoint here" in capsys.readouterr().err
+
+
+def test_periodic_eval_skips_missing_weights_logs_and_keeps_its_hooks(eval_setup, tmp_path):
+    """The trainer's call: live pipeline, a subset, log_fn, hooks kept between calls, missing weights skipped."""
+    from t2f.eval.evaluate import evaluate
+    from t2f.eval.hooks import EvalHooks
+    from t2f.inference import load_pipeline
+
+    tmp, _ = eval_setup
+    pipe = load_pipeline(tmp / "run", overrides=["eval.metrics=lpips,bleu", f"eval.lpips_alexnet={tmp_path / 'none.pth'}"])
+    hooks, logged = EvalHooks(), []
+    with pytest.warns(UserWarning, match="skipping lpips"):
+        result = evaluate(pipe, max_images=2, step=7, hooks=hooks, skip_missing=True, progress=False,
+                          log_fn=lambda scalars, step: logged.append((scalars, step)))
+    assert "none.pth" in result["skipped"]["lpips"] and "lpips" in hooks.skipped
+    assert set(result["metrics"]) == {"bleu4"} and result["protocol"]["test_images"] == 2
+    assert logged == [({"eval/bleu4": result["metrics"]["bleu4"]}, 7)]
+    again = evaluate(pipe, max_images=2, step=8, hooks=hooks, skip_missing=True, progress=False)  # no new warning
+    assert again["metrics"] == result["metrics"] and again["step"] == 8

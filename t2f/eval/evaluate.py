@@ -3,7 +3,11 @@
     t2f eval --ckpt runs/mmcelebahq --metrics fid,lpips --protocol one
     accelerate launch -m t2f.eval.evaluate --ckpt runs/mmcelebahq          # every GPU takes a slice
 
-    metrics = evaluate(pipeline, max_images=cfg.eval.subset, step=step, log_fn=log)   # the trainer
+    # the trainer, every train.eval_every steps, on all ranks; `hooks = EvalHooks()` made once and
+    # kept, so Inception / LPIPS load on the first call only:
+    pipe = Pipeline.from_parts(cfg, accelerator.unwrap_model(model), generator, text_encoder, vocab)
+    evaluate(pipe, max_images=cfg.eval.subset, step=step, out_path=run_dir / "eval" / f"step-{step:08d}.json",
+             log_fn=lambda scalars, step: ..., hooks=hooks, skip_missing=True)
 
 What is measured (the protocol is written next to every number, in the log and in metrics.json):
 - fid: clean-fid 'clean' FID, images generated from the split's captions vs the split's real
@@ -29,11 +33,11 @@ import math
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
+from t2f.checkpointing import read_state
 from t2f.config import to_dict
 from t2f.eval.fid import FidMeter, RealStatsCache
 from t2f.eval.hooks import EvalHooks, build_hooks
@@ -113,6 +117,7 @@ def evaluate(pipeline, *, shards=None, split=None, max_images=None, step=None, o
     manifest = read_manifest(shards)
     metrics = parse_metrics(e.metrics, toy=manifest.get("source") == "toy")
     hooks, skipped = build_hooks(cfg, pipeline.device, metrics, hooks, skip_missing)
+    skipped = {m: why for m, why in skipped.items() if m in metrics}
     metrics = [m for m in metrics if m not in skipped]
     rank, world = _rank_world()
     resolution = e.resolution or cfg.data.resolution
@@ -274,7 +279,7 @@ _METRIC_OF = {"fid": "fid", "toy_fid": "toy_fid", "lpips_paired": "lpips", "lpip
 
 def _record(pipeline, values, metrics, skipped, seen, data_id, shards, step, seconds, meters, generated) -> dict:
     if step is None and pipeline.checkpoint is not None and (pipeline.checkpoint / "state.json").is_file():
-        step = json.loads((pipeline.checkpoint / "state.json").read_text()).get("step")
+        step = read_state(pipeline.checkpoint).get("step")
     return {"metrics": values, "protocol": _protocol(pipeline, metrics, data_id, seen, generated),
             "step": step, "checkpoint": str(pipeline.checkpoint) if pipeline.checkpoint else None,
             "config_hash": config_hash(pipeline.cfg), "shards": shards, "skipped": skipped,

@@ -12,7 +12,7 @@ when the caption cannot be scored.
 
 import hashlib
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,15 +29,20 @@ class EvalHooks:
     toy_extractor: object = None  # NamedExtractor for "toy_fid" (default: toy classifier features)
     lpips_model: object = None  # lpips.LPIPS for "lpips" and "diversity"
     attribute_scorer: object = None  # for "attributes" (default: toy classifier vs parsed caption)
+    skipped: dict = field(default_factory=dict)  # metric -> why (weights missing, skip_missing=True)
 
     def lpips(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return lpips_distance(self.lpips_model, a, b)  # (B,)
 
 
 def build_hooks(cfg, device, metrics, given: EvalHooks | None = None, skip_missing: bool = False):
-    """(hooks with every part `metrics` need, {metric: why skipped}). Missing weights raise unless skip_missing."""
-    hooks = replace(given) if given is not None else EvalHooks()
-    e, skipped = cfg.eval, {}
+    """(hooks with every part `metrics` need, {metric: why skipped}). Missing weights raise unless skip_missing.
+
+    `given` is filled in place, so a caller that keeps it (the trainer) builds each part once;
+    a metric skipped once stays skipped for it.
+    """
+    hooks = given if given is not None else EvalHooks()
+    e, skipped = cfg.eval, hooks.skipped
     builders = {
         "fid": ("fid_extractor", lambda: InceptionFeatures(e.inception, device=device)),
         "toy_fid": ("toy_extractor", lambda: toy_feature_extractor(device, e.toy_classifier)),
@@ -46,7 +51,7 @@ def build_hooks(cfg, device, metrics, given: EvalHooks | None = None, skip_missi
         "attributes": ("attribute_scorer", lambda: toy_attribute_scorer(device, e.toy_classifier)),
     }
     for metric in metrics:
-        if metric not in builders or getattr(hooks, builders[metric][0]) is not None:
+        if metric not in builders or metric in skipped or getattr(hooks, builders[metric][0]) is not None:
             continue
         field, build = builders[metric]
         try:
@@ -54,7 +59,7 @@ def build_hooks(cfg, device, metrics, given: EvalHooks | None = None, skip_missi
         except (*MissingWeights, FileNotFoundError) as err:
             if not skip_missing:
                 raise
-            skipped[metric] = str(err).splitlines()[0]
+            skipped[metric] = " ".join(str(err).split())  # one line, the missing path included
             warnings.warn(f"eval: skipping {metric}: {err}")
     return hooks, skipped
 
