@@ -33,20 +33,16 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from t2f.checkpointing import read_state
-from t2f.config import to_dict
 from t2f.eval.fid import FidMeter, RealStatsCache
 from t2f.eval.hooks import EvalHooks, build_hooks
+from t2f.eval.report import PROTOCOLS, metrics_record, report
 from t2f.inference import resize_images, sample_seed
 
 METRICS = ("fid", "lpips", "diversity", "bleu", "attributes", "toy_fid")
 TOY_METRICS = ("attributes", "toy_fid")
-PROTOCOLS = {"one": "one image per test image, from its first caption",
-             "all": "one image per caption, every caption of every test image"}
 
 
 def parse_metrics(text: str, toy: bool) -> list[str]:
@@ -55,12 +51,6 @@ def parse_metrics(text: str, toy: bool) -> list[str]:
     if unknown:
         raise ValueError(f"eval.metrics: unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
     return names + [m for m in TOY_METRICS if toy and m not in names]
-
-
-def config_hash(cfg) -> str:
-    """Hash of the model's config (the eval section left out: it is recorded as the protocol)."""
-    tree = {k: v for k, v in to_dict(cfg).items() if k != "eval"}
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------- distributed helpers
@@ -132,9 +122,9 @@ def evaluate(pipeline, *, shards=None, split=None, max_images=None, step=None, o
     result = None
     if rank == 0:
         values = _combine(parts, meters, metrics)
-        result = _record(pipeline, values, metrics, skipped, seen, data_id, shards, step, time.perf_counter() - tic,
+        result = metrics_record(pipeline, values, metrics, skipped, seen, data_id, shards, step, time.perf_counter() - tic,
                          meters, sum(len(r) for r, _ in parts))
-        _report(result, out_path, log_fn)
+        report(result, out_path, log_fn)
     return _broadcast(result, world)
 
 
@@ -250,61 +240,6 @@ def _combine(parts, meters, metrics) -> dict:
             values["attribute_accuracy"] = math.fsum(sum(row) for row in rows) / (len(rows) * len(rows[0]))
             values["attribute_exact_match"] = sum(all(row) for row in rows) / len(rows)
     return values
-
-
-def _protocol(pipeline, metrics, data_id, seen: int, generated: int) -> dict:
-    from t2f.eval.captions import BLEU_PROTOCOL
-
-    e, res = pipeline.cfg.eval, data_id["resolution"]
-    size = f"generated {pipeline.resolution}px resized to {res}px (antialiased bicubic)" \
-        if pipeline.resolution != res else f"{res}px"
-    common = {"split": data_id["split"], "test_images": seen, "generated_images": generated,
-              "captions": f"{e.protocol}: {PROTOCOLS[e.protocol]}", "seed": e.seed, "truncation_psi": e.truncation_psi,
-              "resolution": size}
-    lines = {
-        "fid": "clean-fid mode=clean (8-bit images, PIL bicubic to 299), Inception-v3 pool3 2048-d; generated vs real",
-        "toy_fid": "clean-fid Frechet distance on the toy attribute classifier's penultimate features; generated vs real",
-        "lpips": "LPIPS v0.1 AlexNet, generated image vs the real image of its caption (the paper's pairing), mean",
-        "diversity": "LPIPS v0.1 AlexNet between two samples (different CA noise) of the same caption, mean",
-        "bleu": f"{BLEU_PROTOCOL}; recaptioner greedy decoding of each generated image vs its input caption",
-        "attributes": "toy classifier (p > 0.5) vs the attributes named by the input caption; "
-                      "accuracy over all attributes, exact match = every attribute right",
-    }
-    return {**common, **{m: lines[m] for m in metrics}}
-
-
-_METRIC_OF = {"fid": "fid", "toy_fid": "toy_fid", "lpips_paired": "lpips", "lpips_diversity": "diversity",
-              "bleu4": "bleu", "attribute_accuracy": "attributes", "attribute_exact_match": "attributes"}
-
-
-def _record(pipeline, values, metrics, skipped, seen, data_id, shards, step, seconds, meters, generated) -> dict:
-    if step is None and pipeline.checkpoint is not None and (pipeline.checkpoint / "state.json").is_file():
-        step = read_state(pipeline.checkpoint).get("step")
-    return {"metrics": values, "protocol": _protocol(pipeline, metrics, data_id, seen, generated),
-            "step": step, "checkpoint": str(pipeline.checkpoint) if pipeline.checkpoint else None,
-            "config_hash": config_hash(pipeline.cfg), "shards": shards, "skipped": skipped,
-            "real_stats": {n: {"path": str(m.cache.path(m.parts)), "from_cache": m.real_from_cache}
-                           for n, m in meters.items()},
-            "seconds": round(seconds, 1)}
-
-
-def _report(result, out_path, log_fn) -> None:
-    p = result["protocol"]
-    print(f"[t2f eval] {p['split']} split: {p['test_images']} test images, {p['generated_images']} generated; "
-          f"captions {p['captions']}; seed {p['seed']}, truncation {p['truncation_psi']}, {p['resolution']}")
-    for name, value in result["metrics"].items():
-        print(f"  {name:<22} {value:10.4f}   [{p[_METRIC_OF[name]]}]")
-    for name, why in result["skipped"].items():
-        print(f"  {name:<22} {'skipped':>10}   [{why}]")
-    if out_path:
-        out = Path(out_path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out)
-        print(f"[t2f eval] wrote {out}")
-    if log_fn is not None:
-        log_fn({f"eval/{k}": v for k, v in result["metrics"].items()}, result["step"])
 
 
 # ---------------------------------------------------------------------------- command line
