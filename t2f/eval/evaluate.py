@@ -117,13 +117,16 @@ def evaluate(pipeline, *, shards=None, split=None, max_images=None, step=None, o
     loader = make_eval_loader(shards, split, batch_size=e.batch_size, resolution=resolution, vocab=pipeline.vocab,
                               max_tokens=cfg.data.max_caption_tokens)
     tic = time.perf_counter()
-    records, seen = _run(pipeline, loader, rank, world, max_images, meters, hooks, metrics, resolution, progress)
+    total = min(max_images or math.inf, manifest["splits"][split]["count"])
+    bar = _progress(math.ceil(total / world), enabled=progress and rank == 0)
+    records, seen = _run(pipeline, loader, rank, world, max_images, meters, hooks, metrics, resolution, bar)
     parts = _gather((records, {name: m.moments() for name, m in meters.items()}), world)
     result = None
     if rank == 0:
         values = _combine(parts, meters, metrics)
-        result = metrics_record(pipeline, values, metrics, skipped, seen, data_id, shards, step, time.perf_counter() - tic,
-                         meters, sum(len(r) for r, _ in parts))
+        generated = sum(len(r) for r, _ in parts)
+        result = metrics_record(pipeline, values, metrics, skipped, seen, data_id, shards, step,
+                                time.perf_counter() - tic, meters, generated)
         report(result, out_path, log_fn)
     return _broadcast(result, world)
 
@@ -169,14 +172,17 @@ def _chunks(items, size: int):
         yield chunk
 
 
-@torch.no_grad()
-def _run(pipeline, loader, rank, world, limit, meters, hooks, metrics, resolution, progress):
-    """This rank's share: per generated image a record, FID moments in the meters."""
+def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
+    return tqdm(total=total, desc="eval", unit="img", disable=not enabled, leave=False)
+
+
+@torch.no_grad()
+def _run(pipeline, loader, rank, world, limit, meters, hooks, metrics, resolution, bar):
+    """This rank's share: per generated image a record, FID moments in the meters."""
     e, counter, records = pipeline.cfg.eval, [0], []
     images = _my_images(loader, rank, world, limit, counter)
-    bar = tqdm(desc="eval", unit="img", disable=not progress or rank != 0, leave=False)
     for group in _chunks(images, e.batch_size):
         reals = torch.stack([image for _, image, _ in group]).to(pipeline.device)  # (B, 3, R, R)
         for meter in meters.values():
