@@ -1,0 +1,174 @@
+"""The toy world's vocabulary of faces: attributes, their constraints, nuisance, and the latent map.
+
+A face is `(attributes, nuisance)`:
+- `attributes`: dict over ATTRIBUTES (CelebA names) -> bool; these are what captions name.
+- `nuisance`: a `Nuisance`, variation no caption names (face shape, position, skin tone within the
+  non-pale range, background, eye spacing, clothes, ...), every field a number in [0, 1] that the
+  renderer maps to pixels.
+
+Constraints (`check_attributes` enforces them, the sampler respects them):
+- exactly one of Black_Hair, Blond_Hair, Brown_Hair, Gray_Hair, Bald;
+- Bald only for men, and a bald head wears no hat and has no bangs;
+- Beard only for men ("Beard" is CelebA's No_Beard inverted: present = has a beard);
+- Wearing_Lipstick only for women.
+
+One map defines the distribution: `params_from_latent(z)` turns a standard-normal vector z (at least
+LATENT_DIMS long; extra coordinates are ignored) into a face by thresholding fixed coordinates for the
+attributes and pushing further coordinates through the normal CDF for the nuisance.
+`sample_face(rng)` is exactly that map applied to `rng.standard_normal(LATENT_DIMS)`, so a generator
+regressed onto `render(*params_from_latent(z))` sees the same distribution as the data. Marginals:
+Male 50%, Smiling 50%, Eyeglasses 25%, Pale_Skin 25%, Mouth_Slightly_Open 40%, Bald 15%,
+Black/Brown/Blond/Gray hair 25.5/21.2/21.2/17%, Wearing_Hat 21%, Bangs 30%, Beard 25%, Lipstick 30%.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+ATTRIBUTES = (
+    "Male", "Smiling", "Eyeglasses", "Wearing_Hat", "Black_Hair", "Blond_Hair", "Brown_Hair",
+    "Gray_Hair", "Bald", "Beard", "Wearing_Lipstick", "Mouth_Slightly_Open", "Bangs", "Pale_Skin",
+)
+HAIR = ("Black_Hair", "Brown_Hair", "Blond_Hair", "Gray_Hair", "Bald")
+
+# Share of each hair colour among faces that are not bald (order of HAIR[:4]).
+_HAIR_SHARES = (0.30, 0.25, 0.25, 0.20)
+_BALD_AMONG_MEN = 0.30
+# Latent coordinates that decide the attributes; nuisance uses the ones after them.
+_Z_MALE, _Z_HAIR, _Z_SMILE, _Z_GLASSES, _Z_HAT, _Z_FACIAL, _Z_OPEN, _Z_BANGS, _Z_PALE = range(9)
+_ATTRIBUTE_DIMS = 9
+
+
+@dataclass(frozen=True)
+class Nuisance:
+    """What captions never name; every field in [0, 1], 0.5 is the average face."""
+
+    face_width: float = 0.5
+    face_height: float = 0.5
+    offset_x: float = 0.5
+    offset_y: float = 0.5
+    skin_tone: float = 0.5  # light -> dark within the non-pale range (a Pale_Skin face ignores most of it)
+    eye_spacing: float = 0.5
+    mouth_width: float = 0.5
+    hair_shade: float = 0.5  # lightness within the hair colour, and the colour of a bald man's beard
+    hair_length: float = 0.5
+    iris_hue: float = 0.5
+    hat_hue: float = 0.5
+    shirt_hue: float = 0.5
+    bg_hue: float = 0.5
+    bg_hue_shift: float = 0.5
+    bg_value: float = 0.5
+    bg_angle: float = 0.5
+
+    @classmethod
+    def size(cls) -> int:
+        return len(dataclasses.fields(cls))
+
+    def to_vector(self) -> np.ndarray:
+        """(N,) float32 in [0, 1], fields in declaration order."""
+        return np.array([getattr(self, f.name) for f in dataclasses.fields(self)], dtype=np.float32)
+
+    @classmethod
+    def from_vector(cls, vector) -> "Nuisance":
+        vector = np.asarray(vector, dtype=np.float64).reshape(-1)
+        if vector.shape[0] != cls.size():
+            raise ValueError(f"Nuisance.from_vector needs {cls.size()} numbers, got {vector.shape[0]}")
+        clipped = np.clip(vector, 0.0, 1.0)
+        return cls(*(float(v) for v in clipped))
+
+
+LATENT_DIMS = _ATTRIBUTE_DIMS + Nuisance.size()
+
+
+def _normal_cdf(x):
+    return 0.5 * (1.0 + math.erf(float(x) / math.sqrt(2.0)))
+
+
+def _hair_from_uniform(u: float, male: bool) -> str:
+    """Bald takes the bottom of u for men; the rest of the range splits by _HAIR_SHARES."""
+    if male:
+        if u < _BALD_AMONG_MEN:
+            return "Bald"
+        u = (u - _BALD_AMONG_MEN) / (1.0 - _BALD_AMONG_MEN)
+    edge = 0.0
+    for name, share in zip(HAIR, _HAIR_SHARES):
+        edge += share
+        if u < edge:
+            return name
+    return HAIR[3]
+
+
+def params_from_latent(z) -> tuple[dict, Nuisance]:
+    """Fixed map from a standard-normal z (D >= LATENT_DIMS) to (attributes, nuisance).
+
+    Coordinates 0..8 decide Male, hair (incl. Bald), Smiling, Eyeglasses, Wearing_Hat,
+    Beard/Lipstick, Mouth_Slightly_Open, Bangs, Pale_Skin by thresholds on their normal CDF;
+    coordinates 9..LATENT_DIMS-1 become the Nuisance fields through the normal CDF.
+    """
+    z = np.asarray(z, dtype=np.float64).reshape(-1)
+    if z.shape[0] < LATENT_DIMS:
+        raise ValueError(f"params_from_latent needs a latent of at least {LATENT_DIMS} numbers, got {z.shape[0]}")
+    u = [_normal_cdf(v) for v in z[:LATENT_DIMS]]
+    male = u[_Z_MALE] >= 0.5
+    hair = _hair_from_uniform(u[_Z_HAIR], male)
+    bald = hair == "Bald"
+    attrs = {name: False for name in ATTRIBUTES}
+    attrs.update(
+        Male=male,
+        Smiling=u[_Z_SMILE] < 0.5,
+        Eyeglasses=u[_Z_GLASSES] < 0.25,
+        Wearing_Hat=not bald and u[_Z_HAT] < 0.25,
+        Beard=male and u[_Z_FACIAL] < 0.5,
+        Wearing_Lipstick=not male and u[_Z_FACIAL] < 0.6,
+        Mouth_Slightly_Open=u[_Z_OPEN] < 0.4,
+        Bangs=not bald and u[_Z_BANGS] < 0.35,
+        Pale_Skin=u[_Z_PALE] < 0.25,
+    )
+    attrs[hair] = True
+    return attrs, Nuisance.from_vector(u[_ATTRIBUTE_DIMS:LATENT_DIMS])
+
+
+def sample_face(rng: np.random.Generator) -> tuple[dict, Nuisance]:
+    """A random face from the world's distribution (the latent map on a fresh normal vector)."""
+    return params_from_latent(rng.standard_normal(LATENT_DIMS))
+
+
+def sample_attributes(rng: np.random.Generator) -> dict:
+    return sample_face(rng)[0]
+
+
+def check_attributes(attrs: dict) -> dict:
+    """Return `attrs` as a full {name: bool} dict, or raise ValueError naming the broken rule."""
+    unknown = sorted(set(attrs) - set(ATTRIBUTES))
+    if unknown:
+        raise ValueError(f"unknown attribute(s) {unknown}; the toy world knows {list(ATTRIBUTES)}")
+    full = {name: bool(attrs.get(name, False)) for name in ATTRIBUTES}
+    hair = [name for name in HAIR if full[name]]
+    if len(hair) != 1:
+        raise ValueError(f"a face needs exactly one of {list(HAIR)}, got {hair or 'none'}")
+    rules = [
+        (full["Bald"] and not full["Male"], "Bald is for men only"),
+        (full["Bald"] and full["Wearing_Hat"], "a bald face wears no hat"),
+        (full["Bald"] and full["Bangs"], "a bald face has no bangs"),
+        (full["Beard"] and not full["Male"], "Beard is for men only"),
+        (full["Wearing_Lipstick"] and full["Male"], "Wearing_Lipstick is for women only"),
+    ]
+    for broken, message in rules:
+        if broken:
+            raise ValueError(f"invalid attributes: {message} (got {[n for n in ATTRIBUTES if full[n]]})")
+    return full
+
+
+def attribute_vector(attrs: dict) -> np.ndarray:
+    """(A,) float32 0/1 in ATTRIBUTES order."""
+    return np.array([float(bool(attrs.get(name, False))) for name in ATTRIBUTES], dtype=np.float32)
+
+
+def attributes_from_vector(vector) -> dict:
+    """Inverse of attribute_vector (values > 0.5 are present); not checked against the constraints."""
+    vector = np.asarray(vector).reshape(-1)
+    if vector.shape[0] != len(ATTRIBUTES):
+        raise ValueError(f"expected {len(ATTRIBUTES)} attribute values, got {vector.shape[0]}")
+    return {name: bool(v > 0.5) for name, v in zip(ATTRIBUTES, vector)}
