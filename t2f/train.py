@@ -162,6 +162,22 @@ def write_samples(cfg, accelerator, monitor, step, model, generator, text_encode
     monitor.log_samples(step, grid, captions, decoded)
 
 
+def periodic_eval(cfg, accelerator, monitor, step, model, generator, text_encoder, vocab, hooks):
+    """`t2f eval`'s code on `eval.subset` test images; every rank takes part, rank 0 logs `eval/`."""
+    from t2f.eval.evaluate import evaluate
+    from t2f.inference import Pipeline
+
+    pipeline = Pipeline.from_parts(cfg, accelerator.unwrap_model(model), generator, text_encoder, vocab)
+    out = Path(cfg.train.run_dir) / "eval" / f"step-{step:08d}.json"
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate(pipeline, max_images=cfg.eval.subset, step=step, out_path=out, hooks=hooks, skip_missing=True,
+                        log_fn=lambda scalars, s: monitor.log(s, scalars, prefix=""), progress=False)
+    finally:
+        model.train(was_training)
+
+
 def sample_captions(cfg, vocab, count: int) -> list[str]:
     from t2f.data.loader import make_eval_loader
 
@@ -190,6 +206,11 @@ def main(argv=None) -> int:
     monitor = Monitor(accelerator, run_dir, cfg.train.steps, state["step"], wandb_on)
     captions = sample_captions(cfg, vocab, cfg.train.sample_captions) if cfg.train.sample_every else []
     stop = StopRequest()
+    eval_hooks = None
+    if cfg.train.eval_every:
+        from t2f.eval.hooks import EvalHooks
+
+        eval_hooks = EvalHooks()  # filled on first use: Inception/LPIPS load once per run
     force_fp32 = device.type != "cuda"  # fp16 synthesis layers only where fp16 is fast
     bad_in_row, tic, seen = 0, time.perf_counter(), 0
 
@@ -240,6 +261,8 @@ def main(argv=None) -> int:
         if cfg.train.sample_every and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
             if accelerator.is_main_process:
                 write_samples(cfg, accelerator, monitor, step, model, generator, text_encoder, vocab, captions)
+        if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+            periodic_eval(cfg, accelerator, monitor, step, model, generator, text_encoder, vocab, eval_hooks)
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stopping:
             checkpoint()
         if stopping:

@@ -159,3 +159,12 @@ def test_bench_train_runs_the_real_step_on_cpu(capsys):
     out = capsys.readouterr().out
     rate = float(out.split("fp32 + reference")[1].split()[0])
     assert rate > 0
+
+
+def test_periodic_evaluation_logs_eval_metrics(tiny, tmp_path):
+    # Inception and AlexNet are not on this machine: those metrics are skipped, BLEU-4 still runs.
+    assert train.main(["--config", "toy", *tiny("ev", 2), "train.eval_every=2", "eval.subset=4", "eval.batch_size=4"]) == 0
+    records = [json.loads(l) for l in (tmp_path / "ev" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+    assert len(evals) == 1 and evals[0]["step"] == 2 and "eval/bleu4" in evals[0], evals
+    assert (tmp_path / "ev" / "eval" / "step-00000002.json").is_file()
