@@ -14,7 +14,7 @@ from t2f.toy.attributes import (
 )
 from t2f.toy.captions import captions_for, parse_caption
 from t2f.toy.classifier import (
-    evaluate, features, images_to_tensor, load_classifier, predict_attributes,
+    FidFeatureExtractor, evaluate, features, images_to_tensor, load_classifier, predict_attributes,
 )
 from t2f.toy.cli import main as toy_main
 from t2f.toy.render import face_layout, render
@@ -195,6 +195,8 @@ def test_classifier_api_shapes_and_sizes():
     assert feats.shape[0] == 4 and feats.ndim == 2
     big = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")  # clean-fid hands larger images
     assert torch.allclose(predict_attributes(big), probs, atol=0.05)
+    from_255 = FidFeatureExtractor()((x + 1.0) * 127.5)
+    assert torch.allclose(from_255, feats, atol=1e-4)
 
 
 def test_classifier_command_is_seeded_and_writes_loadable_weights(tmp_path):
