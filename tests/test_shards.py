@@ -240,3 +240,91 @@ def test_missing_layout_names_the_paths_tried(tmp_path, capsys):
     assert run_build("--source", "mmcelebahq", "--root", tmp_path / "mm", "--out", tmp_path / "out") == 1
     err = capsys.readouterr().err
     assert "no caption folder" in err and "celeba-caption" in err and "captions" in err
+
+
+# ---------------------------------------------------------------------------- array jobs (slices)
+
+
+def comparable(out):
+    """The manifest minus what names the output folder."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["options"].pop("out")
+    return manifest
+
+
+def test_three_slices_then_finalize_give_the_local_build(tmp_path):
+    make_mmcelebahq(tmp_path / "mm", n_train=12, n_test=5)
+    args = ["--source", "mmcelebahq", "--root", tmp_path / "mm", "--shard-size", 3, "--resolution", 8, "--workers", 0]
+    local, array = tmp_path / "local", tmp_path / "array"
+    assert run_build(*args, "--out", local) == 0
+
+    assert run_build(*args, "--out", array, "--num-slices", 3, "--slice", 0) == 0
+    # round robin over the plan (test-0, test-1, train-0 .. train-3): slice 0 owns positions 0 and 3
+    assert sorted(p.name for p in array.glob("*.tar")) == ["test-000000.tar", "train-000001.tar"]
+    assert not (array / "manifest.json").exists() and not (array / "vocab.json").exists()
+    for index in (1, 2):
+        assert run_build(*args, "--out", array, "--num-slices", 3, "--slice", index) == 0
+    names = sorted(p.name for p in local.glob("*.tar"))
+    before = {n: (array / n).stat().st_mtime_ns for n in names}
+    (array / "train-000002.tar").unlink()  # slice 1's; a re-run of slice 1 rewrites only it
+    assert run_build(*args, "--out", array, "--num-slices", 3, "--slice", 1) == 0
+    assert [n for n in names if (array / n).stat().st_mtime_ns != before[n]] == ["train-000002.tar"]
+
+    assert run_build(*args, "--out", array, "--num-slices", 3, "--finalize") == 0
+    assert comparable(array) == comparable(local) and read_manifest(array)["complete"] is True
+    assert sorted(p.name for p in array.glob("*.tar")) == names
+    assert all((array / n).read_bytes() == (local / n).read_bytes() for n in names)
+    assert (array / "vocab.json").read_bytes() == (local / "vocab.json").read_bytes()
+    assert not list(array.glob(".slice-*")) and shards.main(["verify", str(array)]) == 0
+
+
+def test_finalize_names_the_slice_that_did_not_run(tmp_path, capsys):
+    make_mmcelebahq(tmp_path / "mm", n_train=12, n_test=5)
+    args = ["--source", "mmcelebahq", "--root", tmp_path / "mm", "--out", tmp_path / "out",
+            "--shard-size", 3, "--resolution", 8, "--workers", 0, "--num-slices", 3]
+    for index in (0, 2):
+        assert run_build(*args, "--slice", index) == 0
+    capsys.readouterr()
+    assert run_build(*args, "--finalize") == 1
+    err = capsys.readouterr().err
+    assert "1 of 3 slice(s) did not finish" in err
+    line = next(line for line in err.splitlines() if "slice 1:" in line)
+    assert "no record .slice-1-of-3.json" in line and "test-000001.tar, train-000002.tar" in line
+    assert "slice 0:" not in err and "slice 2:" not in err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert run_build(*args, "--slice", 3) == 1 and "--slice 3 is outside 0..2" in capsys.readouterr().err
+
+
+def test_a_slice_refuses_bad_input_and_skips_it_like_a_local_build(tmp_path, capsys):
+    make_bad_dataset(tmp_path / "mm")
+    args = ["--source", "mmcelebahq", "--root", tmp_path / "mm", "--shard-size", 2, "--resolution", 8, "--workers", 0]
+    assert run_build(*args, "--out", tmp_path / "array", "--num-slices", 2, "--slice", 1) == 1
+    assert "6 bad sample(s)" in capsys.readouterr().err and not (tmp_path / "array").exists()
+    assert run_build(*args, "--skip-bad", "--out", tmp_path / "local") == 0
+    for step in (["--slice", 0], ["--slice", 1], ["--finalize"]):
+        assert run_build(*args, "--skip-bad", "--out", tmp_path / "array", "--num-slices", 2, *step) == 0
+    assert comparable(tmp_path / "array") == comparable(tmp_path / "local")
+    assert len(comparable(tmp_path / "array")["skipped"]) == 6
+
+
+def test_api_slices_carry_the_text_features_dimension_to_the_manifest(tmp_path):
+    class CountingEncoder:
+        name, calls = "stub", 0
+
+        def encode(self, captions):
+            import torch
+
+            CountingEncoder.calls += 1
+            return torch.ones(len(captions), 3)
+
+    def specs():  # fresh ones each time: the checks normalise specs in place
+        return [SampleSpec(str(i), np.full((8, 8, 3), i, np.uint8), [f"cap {i}"]) for i in range(5)]
+
+    common = dict(resolution=8, shard_size=2, text_encoder=CountingEncoder(), progress=False)
+    local = build_shards(specs(), tmp_path / "local", **common)
+    for index in (0, 1):
+        build_shards(specs(), tmp_path / "array", num_slices=2, slice_index=index, **common)
+    calls = CountingEncoder.calls
+    manifest = build_shards(specs(), tmp_path / "array", num_slices=2, finalize=True, **common)
+    assert CountingEncoder.calls == calls  # finalize never encodes
+    assert manifest == local and manifest["text_encoder"]["dim"] == 3

@@ -24,6 +24,7 @@ settings); a rebuild keeps a shard only if its inputs and its file's sha256 both
 import hashlib
 import json
 import os
+import socket
 import tarfile
 from pathlib import Path
 
@@ -87,11 +88,32 @@ def manifest_dict(head: dict, entries: dict, text_dim, complete: bool) -> dict:
 
 def write_manifest(out_dir, manifest: dict) -> dict:
     """Atomic: a reader sees the old manifest or the new one, never half of one."""
-    out = Path(out_dir)
-    tmp = out / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, out / MANIFEST_NAME)
+    write_json_atomic(Path(out_dir) / MANIFEST_NAME, manifest)
     return manifest
+
+
+def mark_unfinished(out_dir) -> None:
+    """Turn a finished manifest in `out_dir` into an unfinished one (same entries), so no reader
+    trusts its checksums while an array slice replaces shards; a no-op when there is none."""
+    path = Path(out_dir) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return
+    if manifest.get("complete"):
+        write_manifest(out_dir, dict(manifest, complete=False))
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write under a name unique to this writer, then rename: concurrent array slices may
+    rewrite the same file (mark_unfinished), and a shared temporary name would mix their bytes."""
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # (not mkstemp: it makes 0600 files)
+    try:
+        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def verify_shards(out_dir, progress=True) -> list:

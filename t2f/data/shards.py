@@ -27,23 +27,27 @@ so re-running after a crash or after deleting a shard rewrites only the shards w
 missing or whose checksum or inputs changed. Bad input is refused before anything is written
 (unless --skip-bad); an image that passes the header check but fails to decode is found while
 writing: its shard is not written and the build ends with the same kind of error.
+
+Array jobs split the writing: `--num-slices N --slice I` writes every N-th shard, `--num-slices N
+--finalize` writes the manifest from the slices' records (t2f/data/slices.py, slurm/shards.sbatch).
 """
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import sys
 from pathlib import Path
 
-from t2f.data.manifest import (MANIFEST_NAME, manifest_dict, previous_entries, sha256_file, verify_shards,
-                               write_manifest)
+from t2f.data.manifest import (MANIFEST_NAME, manifest_dict, mark_unfinished, previous_entries, sha256_file,
+                               verify_shards, write_manifest)
+from t2f.data.slices import (check_slice_args, collect_slices, recorded_entries, remove_records, slice_of,
+                             write_record)
 from t2f.data.sources import (BadSample, SourceError, check_samples, id_sort_key, read_celebatext, read_jsonl,
-                              read_mmcelebahq, tar_key)
+                              read_mmcelebahq)
+from t2f.data.writer import encode_captions, write_shards, write_vocab
 
 BUILDER_VERSION = 1
-VOCAB_NAME = "vocab.json"
 SHOW_BAD = 40  # bad ids listed in an error before "... and N more"
 
 
@@ -60,39 +64,67 @@ class BadInputError(ValueError):
 
 def build_shards(samples, out_dir, *, resolution=256, fmt="png", quality=95, shard_size=250, workers=0,
                  text_encoder=None, limit=None, skip_bad=False, min_captions=1, attribute_names=(),
-                 source="custom", bad=(), options=None, progress=True) -> dict:
+                 source="custom", bad=(), options=None, num_slices=None, slice_index=None, finalize=False,
+                 progress=True) -> dict:
     """Write the shards, vocabulary and manifest for `samples` (SampleSpecs); return the manifest.
 
     `bad` are samples a reader already rejected; `text_encoder` is any object with `.name` and
     `.encode(list[str]) -> (B, D) tensor`; `limit` keeps the first N ids of each split;
     `attribute_names` fixes the column order (default: the first labelled sample's keys).
+    Array jobs (t2f/data/slices.py): with `num_slices`, `slice_index=I` writes only slice I's
+    shards and returns its record; `finalize=True` writes the manifest and vocabulary from the
+    records of all slices (the text encoder is not called then: its `.name` is enough).
     """
+    check_slice_args(num_slices, slice_index, finalize)
     if fmt not in ("png", "jpg"):
         raise ValueError(f"format must be 'png' or 'jpg', got {fmt!r}")
     samples = list(samples)
     if not attribute_names:  # the first labelled sample names them; the checks hold the rest to it
         attribute_names = next((list(s.attributes) for s in samples if s.attributes), [])
     good, bad = _validated(samples, bad, limit, min_captions, attribute_names, workers, progress, skip_bad)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {"builder_version": BUILDER_VERSION, "resolution": resolution, "format": fmt,
                 "quality": quality if fmt == "jpg" else None, "text_encoder": getattr(text_encoder, "name", None)}
-    plan = _plan(good, shard_size, settings)
-    previous = previous_entries(out)
-    for stale in out.glob(".*.tar.tmp.*"):  # left by a build that crashed mid-shard
-        stale.unlink()
-    kept = {s["name"] for s in plan if _reusable(out, s, previous.get(s["name"]))}
-    todo = [s for s in plan if s["name"] not in kept]
-    entries = {name: previous[name] for name in kept}
     head = dict(settings, source=source, shard_size=shard_size, attributes=list(attribute_names),
-                options=options or {}, bad=bad, plan=plan)
-    write_manifest(out, manifest_dict(head, entries, None, complete=False))  # an older build is invalid from now
-    features, text_dim = _encode_captions(text_encoder, todo, progress)
-    failed = _write_all(out, todo, features, entries, head, text_dim, skip_bad, workers, progress)
-    vocab_name = _write_vocab(out, good)
+                options=options or {}, bad=bad, plan=_plan(good, shard_size, settings))
+    out = Path(out_dir)
+    if finalize:
+        entries, text_dim = collect_slices(out, head["plan"], num_slices)
+        return _finish(out, head, good, entries, text_dim)
+    out.mkdir(parents=True, exist_ok=True)
+    sliced = slice_index is not None
+    mine = slice_of(head["plan"], slice_index, num_slices) if sliced else head["plan"]
+    _remove_stale_temps(out, mine if sliced else None)
+    previous = {**previous_entries(out), **recorded_entries(out)}
+    entries = {s["name"]: previous[s["name"]] for s in mine if _reusable(out, s, previous.get(s["name"]))}
+    todo = [s for s in mine if s["name"] not in entries]
+
+    def save(text_dim, complete=False):  # after every shard, so a re-run keeps what is done
+        if sliced:
+            return write_record(out, slice_index, num_slices, mine, entries, text_dim, complete)
+        return write_manifest(out, manifest_dict(head, entries, text_dim, complete))
+
+    if sliced and todo:
+        mark_unfinished(out)  # an older manifest must not vouch for shards this slice replaces
+    save(None)  # without a slice: an older build is invalid from now
+    features, text_dim = encode_captions(text_encoder, todo, progress)
+    failed = []
+    for result in write_shards(out, todo, features, head, skip_bad, workers, progress):
+        if result.pop("failed"):
+            failed += [BadSample(*b) for b in result["skipped"]]
+            continue
+        entries[result["name"]] = result
+        save(text_dim)
+    record = save(text_dim, complete=not failed) if sliced else None
     if failed:
         raise BadInputError(failed, "their shards were not written; fix them, or pass --skip-bad")
-    return write_manifest(out, manifest_dict(dict(head, vocab=vocab_name), entries, text_dim, complete=True))
+    return record if sliced else _finish(out, head, good, entries, text_dim)
+
+
+def _finish(out: Path, head: dict, good, entries: dict, text_dim) -> dict:
+    """The finished manifest; slice records are superseded by it."""
+    manifest = write_manifest(out, manifest_dict(dict(head, vocab=write_vocab(out, good)), entries, text_dim, complete=True))
+    remove_records(out)
+    return manifest
 
 
 def _validated(samples, bad, limit, min_captions, attribute_names, workers, progress, skip_bad):
@@ -139,148 +171,18 @@ def _image_fingerprint(image):
     return hashlib.sha256(np.ascontiguousarray(np.asarray(image)).tobytes()).hexdigest()
 
 
+def _remove_stale_temps(out: Path, shards) -> None:
+    """Temporary files left by a build that crashed mid-shard: all of them, or only those of
+    `shards` (other slices of an array job may be writing theirs right now)."""
+    patterns = [".*.tar.tmp.*"] if shards is None else [f".{s['name']}.tmp.*" for s in shards]
+    for pattern in patterns:
+        for stale in out.glob(pattern):
+            stale.unlink(missing_ok=True)
+
+
 def _reusable(out: Path, shard: dict, entry) -> bool:
     path = out / shard["name"]
     return bool(entry) and entry.get("inputs") == shard["inputs"] and path.is_file() and sha256_file(path) == entry["sha256"]
-
-
-def _encode_captions(text_encoder, todo, progress):
-    """{id: (n_captions, D) float16} for the shards to write, encoded once in this process."""
-    if text_encoder is None:
-        return {}, None
-    from tqdm import tqdm
-
-    specs = [s for shard in todo for s in shard["specs"]]
-    features, dim = {}, getattr(text_encoder, "dim", None)
-    for start in tqdm(range(0, len(specs), 64), desc="encoding captions", disable=not progress or not specs):
-        chunk = specs[start:start + 64]
-        flat = [c for s in chunk for c in s.captions]
-        rows = text_encoder.encode(flat).float().cpu().numpy().astype("float16")  # (n, D)
-        dim = rows.shape[1]
-        for s in chunk:
-            features[s.id], rows = rows[:len(s.captions)], rows[len(s.captions):]
-    return features, dim
-
-
-def _write_all(out, todo, features, entries, head, text_dim, skip_bad, workers, progress) -> list:
-    """Write the shards in `todo` (in a pool when workers > 1); return write-time failures."""
-    from tqdm import tqdm
-
-    tasks = [dict(out=str(out), name=s["name"], specs=s["specs"], resolution=head["resolution"], fmt=head["format"],
-                  quality=head["quality"] or 95, features={x.id: features.get(x.id) for x in s["specs"]} if features else None,
-                  skip_bad=skip_bad) for s in todo]
-    inputs = {s["name"]: s["inputs"] for s in todo}
-    failed = []
-    bar = tqdm(total=sum(len(s["specs"]) for s in todo), desc="writing shards", unit="img", disable=not progress)
-    for result in _imap(_write_shard, tasks, workers):
-        bar.update(result.pop("attempted"))
-        if result.pop("failed"):
-            failed += [BadSample(*b) for b in result["skipped"]]
-            continue
-        entries[result["name"]] = dict(result, inputs=inputs[result["name"]])
-        write_manifest(out, manifest_dict(head, entries, text_dim, complete=False))
-    bar.close()
-    return failed
-
-
-def _imap(fn, tasks, workers):
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(fn, tasks)
-        return
-    import multiprocessing
-
-    with multiprocessing.get_context().Pool(min(workers, len(tasks))) as pool:
-        yield from pool.imap_unordered(fn, tasks)
-
-
-def _write_shard(task: dict) -> dict:
-    """Pool worker: one shard to a temporary name, renamed when complete."""
-    import tarfile
-
-    final = Path(task["out"]) / task["name"]
-    tmp = final.with_name(f".{final.name}.tmp.{os.getpid()}")
-    skipped, count = [], 0
-    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
-        for spec in task["specs"]:
-            try:
-                image = encode_image(prepare_image(spec.image, task["resolution"]), task["fmt"], task["quality"])
-            except Exception as err:  # a corrupt file can raise almost anything inside PIL
-                skipped.append((spec.id, f"image could not be decoded: {err}", spec.split))
-                continue
-            key = tar_key(spec.id)
-            meta = {"id": spec.id, "captions": spec.captions, "source": spec.source, "split": spec.split}
-            if spec.attributes is not None:
-                meta["attributes"] = spec.attributes
-            _add_member(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())
-            _add_member(tar, f"{key}.{task['fmt']}", image)
-            if task["features"] is not None:
-                _add_member(tar, f"{key}.text.npy", _npy_bytes(task["features"][spec.id]))
-            count += 1
-    failed = bool(skipped) and not task["skip_bad"]
-    if failed:
-        tmp.unlink()
-    else:
-        os.replace(tmp, final)
-    return {"name": final.name, "split": task["specs"][0].split, "count": count,
-            "sha256": None if failed else sha256_file(final), "skipped": skipped, "failed": failed,
-            "attempted": len(task["specs"])}
-
-
-def prepare_image(image, resolution: int):
-    """RGB, centre-cropped to a square, Lanczos-resized to resolution² (a PIL image)."""
-    from PIL import Image
-
-    if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as im:
-            im = im.convert("RGB")
-    elif isinstance(image, Image.Image):
-        im = image.convert("RGB")
-    else:
-        import numpy as np
-
-        im = Image.fromarray(np.asarray(image, dtype=np.uint8).squeeze()).convert("RGB")
-    side = min(im.size)
-    if im.size[0] != im.size[1]:
-        left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
-        im = im.crop((left, top, left + side, top + side))
-    if side != resolution:
-        im = im.resize((resolution, resolution), Image.LANCZOS)
-    return im
-
-
-def encode_image(im, fmt: str, quality: int) -> bytes:
-    buf = io.BytesIO()
-    if fmt == "png":
-        im.save(buf, format="PNG")
-    else:  # 4:4:4 chroma: subsampling would blur colour edges the FID features see
-        im.save(buf, format="JPEG", quality=quality, subsampling=0)
-    return buf.getvalue()
-
-
-def _npy_bytes(array) -> bytes:
-    import numpy as np
-
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-def _add_member(tar, name: str, data: bytes) -> None:
-    import tarfile
-
-    info = tarfile.TarInfo(name)  # mtime 0, uid/gid 0: the same inputs give the same bytes
-    info.size, info.mode = len(data), 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _write_vocab(out: Path, good):
-    from t2f.data.vocab import Vocab
-
-    train = [c for s in good if s.split == "train" for c in s.captions]
-    if not train:
-        return None
-    Vocab.build(train).save(out / VOCAB_NAME)
-    return VOCAB_NAME
 
 
 # ---------------------------------------------------------------------------- command line
@@ -307,6 +209,10 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--text-encoder", help="also store frozen text features (hub id or local folder), fp16")
     build.add_argument("--text-device", default="cpu", help="device for --text-encoder (cpu, cuda)")
     build.add_argument("--local-files-only", action="store_true", help="never download the text encoder")
+    build.add_argument("--num-slices", type=int, help="array jobs (slurm/shards.sbatch): split the shards into N slices")
+    step = build.add_mutually_exclusive_group()
+    step.add_argument("--slice", type=int, help="write only slice I of N (shards whose index %% N == I); no manifest")
+    step.add_argument("--finalize", action="store_true", help="once all N slices are done: check them, write the manifest")
     verify = sub.add_parser("verify", help="re-check every shard's sample count and sha256 against manifest.json")
     verify.add_argument("out", help="shard folder holding manifest.json")
     return parser
@@ -326,21 +232,32 @@ def _build(args) -> int:
     where = args.manifest if args.source == "jsonl" else args.root
     if not where:
         raise SourceError(f"--source {args.source} needs {'--manifest FILE' if args.source == 'jsonl' else '--root DIR'}")
+    check_slice_args(args.num_slices, args.slice, args.finalize)
     data = readers[args.source](where, limit=args.limit)
     encoder = _text_encoder(args) if args.text_encoder else None
     min_captions = args.min_captions or (1 if args.source == "jsonl" else 10)
-    options = {k: v for k, v in vars(args).items() if k not in ("action", "workers")}
+    # the options of the equivalent local build, so an array job's manifest is the same
+    options = {k: v for k, v in vars(args).items() if k not in ("action", "workers", "num_slices", "slice", "finalize")}
     out = args.out or f"shards/{args.source}"
     manifest = build_shards(data.samples, out, resolution=args.resolution, fmt=args.format, quality=args.quality,
                             shard_size=args.shard_size, workers=args.workers, text_encoder=encoder, limit=args.limit,
                             skip_bad=args.skip_bad, min_captions=min_captions, attribute_names=data.attribute_names,
-                            source=args.source, bad=data.bad, options=options)
+                            source=args.source, bad=data.bad, options=options, num_slices=args.num_slices,
+                            slice_index=args.slice, finalize=args.finalize)
+    if args.slice is not None:
+        print(f"wrote slice {args.slice} of {args.num_slices} ({len(manifest['shards'])} shards) in {out}; "
+              f"when every slice is done: the same command with --num-slices {args.num_slices} --finalize")
+        return 0
     counts = ", ".join(f"{k}: {v['count']} in {len(v['shards'])} shards" for k, v in manifest["splits"].items())
     print(f"wrote {out}/{MANIFEST_NAME} ({counts}; {len(manifest['skipped'])} skipped)")
     return 0
 
 
 def _text_encoder(args):
+    if args.finalize:  # the manifest needs only its name (the slices stored the features)
+        from types import SimpleNamespace
+
+        return SimpleNamespace(name=args.text_encoder)
     import torch
 
     from t2f.models.text_encoder import TextEncoder
