@@ -2,6 +2,8 @@
 
     t2f toy render --out faces.png --seed 0      a grid of random faces, one caption each printed
     t2f toy classifier --out t2f/toy/assets      retrain the attribute classifier (seeded), print accuracy
+    t2f toy shards --out shards/toy              the toy dataset as WebDataset shards (real builder)
+    t2f toy pretrain --out t2f/toy/assets/generator   refit the shipped tiny StyleGAN2 to the renderer
 
 Each subcommand registers itself with `_add_<name>(subparsers)`; modules that need torch are
 imported inside the command, so `t2f toy --help` stays fast.
@@ -18,8 +20,20 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_render(sub)
     _add_classifier(sub)
+    _add_module(sub, "shards", "t2f.toy.dataset", "write the toy train/test splits as WebDataset shards")
+    _add_module(sub, "pretrain", "t2f.toy.pretrain", "fit the tiny StyleGAN2 to the renderer (the shipped generator)")
     args = parser.parse_args(argv)
     return int(args.run(args) or 0)
+
+
+def _add_module(sub, name: str, module: str, help_: str):
+    """A subcommand implemented by a module with `add_arguments(parser)` and `run(args)`."""
+    import importlib
+
+    target = importlib.import_module(module)  # these modules import torch lazily
+    p = sub.add_parser(name, help=help_, description=(target.__doc__ or "").split("\n\n")[0])
+    target.add_arguments(p)
+    p.set_defaults(run=target.run)
 
 
 # ---------------------------------------------------------------------------- render
