@@ -253,3 +253,28 @@ def test_periodic_eval_skips_missing_weights_logs_and_keeps_its_hooks(eval_setup
     assert logged == [({"eval/bleu4": result["metrics"]["bleu4"]}, 7)]
     again = evaluate(pipe, max_images=2, step=8, hooks=hooks, skip_missing=True, progress=False)  # no new warning
     assert again["metrics"] == result["metrics"] and again["step"] == 8
+
+
+def test_recaptioner_only_scores_real_test_images(eval_setup, tmp_path, capsys):
+    from t2f.eval import evaluate
+
+    tmp, args = eval_setup
+    out = tmp_path / "recap.json"
+    assert evaluate.main(args + ["--recaptioner-only", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["images"] == 8 and 0 <= record["recaptioner_bleu4"] <= 100
+    assert "real images" in record["protocol"] and len(record["examples"]) == 5
+    assert "recaptioner BLEU-4 on 8 real test images" in capsys.readouterr().out
+
+
+def test_toy_attribute_metric_comes_with_a_per_attribute_breakdown(eval_setup, tmp_path):
+    from t2f.eval import evaluate
+    from t2f.toy.attributes import ATTRIBUTES
+
+    tmp, args = eval_setup
+    out = tmp_path / "attrs.json"
+    assert evaluate.main(args + ["--metrics", "attributes", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    breakdown = record["attribute_accuracy_per_attribute"]
+    assert list(breakdown) == list(ATTRIBUTES)
+    assert sum(breakdown.values()) / len(breakdown) == pytest.approx(record["metrics"]["attribute_accuracy"])

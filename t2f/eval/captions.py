@@ -42,3 +42,25 @@ def recaptioner_bleu4(
         ids = model.greedy(batch, max_len=max_len) if beam == 1 else model.beam_search(batch, beam, max_len)
         hypotheses += [vocab.decode(row) for row in ids]
     return bleu4(hypotheses, references)
+
+
+def real_image_bleu4(pipeline, shards=None, split=None, max_images=0, batch_size=64) -> dict:
+    """The recaptioner alone on real held-out faces: greedy captions vs all captions of each image.
+
+    Check this before trusting the recaptioner as a training signal (`t2f eval --recaptioner-only`).
+    """
+    from t2f.data.loader import make_eval_loader
+
+    cfg = pipeline.cfg
+    shards, split = str(shards or cfg.data.shards), split or cfg.data.eval_split
+    loader = make_eval_loader(shards, split, batch_size=batch_size, resolution=cfg.data.resolution, vocab=pipeline.vocab)
+    hypotheses, references = [], []
+    for batch in tqdm(loader, desc="recaptioner on real images", leave=False):
+        hypotheses += pipeline.read_back(batch["image"].to(pipeline.device))
+        references += [list(refs) for refs in batch["all_captions"]]
+        if max_images and len(hypotheses) >= max_images:
+            hypotheses, references = hypotheses[:max_images], references[:max_images]
+            break
+    return {"recaptioner_bleu4": bleu4(hypotheses, references), "images": len(hypotheses), "shards": shards,
+            "split": split, "protocol": BLEU_PROTOCOL + "; greedy decoding of real images, all their captions as references",
+            "examples": [{"read": h, "reference": r[0]} for h, r in zip(hypotheses[:5], references[:5])]}

@@ -33,6 +33,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -127,6 +128,8 @@ def evaluate(pipeline, *, shards=None, split=None, max_images=None, step=None, o
         generated = sum(len(r) for r, _ in parts)
         result = metrics_record(pipeline, values, metrics, skipped, seen, data_id, shards, step,
                                 time.perf_counter() - tic, meters, generated)
+        if "attributes" in metrics:
+            result["attribute_accuracy_per_attribute"] = _attribute_breakdown(parts)
         report(result, out_path, log_fn)
     return _broadcast(result, world)
 
@@ -248,6 +251,14 @@ def _combine(parts, meters, metrics) -> dict:
     return values
 
 
+def _attribute_breakdown(parts) -> dict:
+    """Toy world: agreement per attribute (the rows follow t2f.toy.attributes.ATTRIBUTES)."""
+    from t2f.toy.attributes import ATTRIBUTES
+
+    rows = [r["attributes"] for rs, _ in parts for r in rs if r["attributes"] is not None]
+    return {name: sum(row[i] for row in rows) / len(rows) for i, name in enumerate(ATTRIBUTES)} if rows else {}
+
+
 # ---------------------------------------------------------------------------- command line
 
 
@@ -261,6 +272,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, help="first N test images only (default: eval.max_images, 0 = all)")
     p.add_argument("--out", help="metrics JSON path (default: CHECKPOINT/metrics.json)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--recaptioner-only", action="store_true",
+                   help="only the recaptioner's BLEU-4 on real test images (is it fit to train through?)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. eval.inception=/path eval.batch_size=32")
     return p
 
@@ -292,6 +305,8 @@ def main(argv=None) -> int:
     try:
         pipeline = load_pipeline(args.ckpt, device=device, overrides=_overrides(args))
         out = args.out or pipeline.checkpoint / "metrics.json"
+        if args.recaptioner_only:
+            return _recaptioner_only(pipeline, args, out, main_process)
         evaluate(pipeline, shards=args.shards, split=args.split, out_path=out if main_process else None)
     except (CheckpointNotFound, PipelineError, ConfigError, TextEncoderError, InceptionWeightsMissing,
             LpipsWeightsMissing, FileNotFoundError, ValueError) as err:
@@ -299,6 +314,19 @@ def main(argv=None) -> int:
         return 2
     finally:
         _leave_process_group()
+    return 0
+
+
+def _recaptioner_only(pipeline, args, out, main_process) -> int:
+    from t2f.eval.captions import real_image_bleu4
+
+    if not main_process:
+        return 0  # a single pass over the split: no need for more than one process
+    record = real_image_bleu4(pipeline, args.shards, args.split, args.max_images or 0)
+    out = Path(args.out) if args.out else Path(out).with_name("recaptioner.json")
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"recaptioner BLEU-4 on {record['images']} real {record['split']} images: {record['recaptioner_bleu4']:.2f} "
+          f"({record['protocol']}); wrote {out}")
     return 0
 
 

@@ -61,29 +61,15 @@ def train(args, run_dir: Path, extra=()) -> None:
 
 def evaluate_run(run_dir: Path) -> dict:
     """Toy metrics on every held-out face, plus the recaptioner's BLEU-4 on real test images."""
+    from t2f.eval.captions import real_image_bleu4
     from t2f.eval.evaluate import evaluate
     from t2f.inference import load_pipeline
 
     print(f"[demo] 3/4 evaluation of {run_dir}", flush=True)
     pipeline = load_pipeline(run_dir, overrides=["eval.metrics=attributes,toy_fid,diversity,bleu"])
     record = evaluate(pipeline, out_path=run_dir / "eval.json", skip_missing=True, progress=True)
-    record["recaptioner_bleu4_real"] = real_image_bleu(pipeline)
+    record["recaptioner_bleu4_real"] = real_image_bleu4(pipeline)["recaptioner_bleu4"]
     return record
-
-
-def real_image_bleu(pipeline) -> float:
-    """BLEU-4 of the recaptioner's greedy captions of real test images against all their captions."""
-    from t2f.data.loader import make_eval_loader
-    from t2f.eval.captions import bleu4
-
-    cfg = pipeline.cfg
-    loader = make_eval_loader(cfg.data.shards, cfg.data.eval_split, batch_size=64, resolution=cfg.data.resolution,
-                              vocab=pipeline.vocab)
-    hypotheses, references = [], []
-    for batch in loader:
-        hypotheses += pipeline.read_back(batch["image"].to(pipeline.device))
-        references += batch["all_captions"]
-    return bleu4(hypotheses, references)
 
 
 def sample_grid(run_dir: Path, pipeline=None) -> Path:
@@ -109,7 +95,7 @@ def summarise(record: dict) -> dict:
     return {
         "attribute_accuracy": pick("attribute_accuracy"),
         "exact_match": pick("exact_match", "attribute_exact_match"),
-        "per_attribute": pick("per_attribute", "attribute_accuracy_per_attribute"),
+        "per_attribute": record.get("attribute_accuracy_per_attribute"),
         "fid_toy": pick("toy_fid", "fid_toy"),
         "lpips_diversity": pick("lpips_diversity", "diversity"),
         "recaptioner_bleu4": record.get("recaptioner_bleu4_real"),
