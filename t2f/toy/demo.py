@@ -73,6 +73,8 @@ def evaluate_run(run_dir: Path) -> dict:
 
 
 def sample_grid(run_dir: Path, pipeline=None) -> Path:
+    import torch
+
     from t2f.data.loader import make_eval_loader
     from t2f.inference import load_pipeline
     from t2f.visual import caption_grid
@@ -84,7 +86,9 @@ def sample_grid(run_dir: Path, pipeline=None) -> Path:
     captions = list(next(iter(loader))["caption"])
     images = pipeline.generate(captions, n=SAMPLES_PER_CAPTION, seed=0)
     out = run_dir / "samples.png"
-    caption_grid(images.cpu(), captions, per_row=SAMPLES_PER_CAPTION, subcaptions=pipeline.read_back(images)).save(out)
+    read_back = pipeline.read_back(images)
+    big = torch.nn.functional.interpolate(images.cpu(), scale_factor=2, mode="nearest")  # 64 px faces are hard to see
+    caption_grid(big, captions, per_row=SAMPLES_PER_CAPTION, subcaptions=read_back).save(out)
     return out
 
 

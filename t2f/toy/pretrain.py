@@ -85,7 +85,8 @@ def fit(steps: int, batch_size: int, lr: float, attribute_weight: float, dataset
     mapping_lr = lr / ARCHITECTURE["mapping_lr_multiplier"] / 10
     optimizer = torch.optim.Adam([{"params": G.synthesis.parameters()}, {"params": G.mapping.parameters(), "lr": mapping_lr}],
                                  lr=lr, betas=(0.0, 0.99))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[lr, mapping_lr], total_steps=steps, pct_start=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[lr, mapping_lr], total_steps=steps,
+                                                   pct_start=min(0.5, max(0.05, 3 / steps)))  # >= 3 warm-up steps
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(range(steps), desc="toy pretrain", dynamic_ncols=True)
     for step in bar:
