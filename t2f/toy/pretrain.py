@@ -85,8 +85,10 @@ def fit(steps: int, batch_size: int, lr: float, attribute_weight: float, dataset
     mapping_lr = lr / ARCHITECTURE["mapping_lr_multiplier"] / 10
     optimizer = torch.optim.Adam([{"params": G.synthesis.parameters()}, {"params": G.mapping.parameters(), "lr": mapping_lr}],
                                  lr=lr, betas=(0.0, 0.99))
+    # One-cycle: short warm-up, then anneal to ~0 so the last steps polish. Too short a run to
+    # schedule (smoke tests) keeps a constant rate: OneCycleLR needs a few steps per phase.
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[lr, mapping_lr], total_steps=steps,
-                                                   pct_start=min(0.5, max(0.05, 3 / steps)))  # >= 3 warm-up steps
+                                                   pct_start=max(0.05, 3 / steps)) if steps >= 20 else None
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(range(steps), desc="toy pretrain", dynamic_ncols=True)
     for step in bar:
@@ -98,7 +100,8 @@ def fit(steps: int, batch_size: int, lr: float, attribute_weight: float, dataset
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        schedule.step()
+        if schedule:
+            schedule.step()
         if step % 50 == 0:
             bar.set_postfix(l1=f"{pixel.item():.4f}", attr=f"{semantic.item():.3f}")
     G.eval()
