@@ -14,7 +14,7 @@ COMMANDS = {
     "shards": ("t2f.data.shards", "build WebDataset shards + manifest from MM-CelebA-HQ, CelebAText-HQ or a jsonl; verify them"),
     "generate": ("t2f.generate", "faces from captions with a trained checkpoint: a captioned grid or one PNG per image"),
     "eval": ("t2f.eval.evaluate", "FID (clean-fid), LPIPS and text consistency of a checkpoint on a test split"),
-    "toy": ("t2f.toy.cli", "the toy world: render procedural faces, retrain the attribute classifier"),
+    "toy": ("t2f.toy.cli", "the toy world: render faces, build its shards, refit its generator or attribute classifier"),
 }
 
 
