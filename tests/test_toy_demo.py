@@ -44,7 +44,7 @@ def test_shipped_generator_draws_the_attributes_of_its_latent():
 def test_pretrain_command_writes_a_loadable_generator(tmp_path):
     from t2f.toy.cli import main
 
-    assert main(["pretrain", "--out", str(tmp_path / "g"), "--steps", "2", "--batch-size", "4", "--dataset-size", "16"]) == 0
+    assert main(["pretrain", "--out", str(tmp_path / "g"), "--steps", "2", "--batch-size", "4"]) == 0
     G = load_generator(tmp_path / "g.safetensors")
     assert torch.isfinite(G(torch.randn(2, G.z_dim))).all()
     assert "classifier_agreement_with_renders" in json.loads((tmp_path / "g.fit.json").read_text())
