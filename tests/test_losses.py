@@ -12,9 +12,9 @@ def test_kl_is_zero_at_the_prior_and_positive_elsewhere():
     assert kl_divergence(zeros, zeros).item() == 0.0
     assert kl_divergence(torch.full((4, 8), 0.5), zeros).item() > 0
     assert kl_divergence(zeros, torch.full((4, 8), -1.0)).item() > 0
-    # closed form for one dim: 0.5 * (mu^2 + var - 1 - log var), summed over dims, mean over batch
+    # closed form per dim: 0.5 * (mu^2 + var - 1 - log var), mean over dims and batch (StackGAN's reduction)
     mu, logvar = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.zeros(2, 2)
-    assert torch.isclose(kl_divergence(mu, logvar), torch.tensor(0.25))
+    assert torch.isclose(kl_divergence(mu, logvar), torch.tensor(0.125))
 
 
 def test_cross_entropy_ignores_padding():
@@ -36,10 +36,10 @@ def test_attention_penalty_zero_when_attention_covers_each_position_once():
     alphas = torch.eye(3).unsqueeze(0).repeat(2, 1, 1)  # (B, T, L)
     mask = torch.ones(2, 3, dtype=torch.bool)
     assert attention_penalty(alphas, mask).item() == 0.0
-    # all steps on position 0: (1-3)^2 + 1 + 1 = 6
+    # all steps on position 0: ((1-3)^2 + 1 + 1) / 3 positions = 2
     stuck = torch.zeros(1, 3, 3)
     stuck[..., 0] = 1.0
-    assert attention_penalty(stuck, torch.ones(1, 3, dtype=torch.bool)).item() == 6.0
+    assert attention_penalty(stuck, torch.ones(1, 3, dtype=torch.bool)).item() == 2.0
 
 
 def test_attention_penalty_ignores_padded_steps():
