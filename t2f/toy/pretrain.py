@@ -72,12 +72,17 @@ def attribute_agreement(G, classifier, count: int = 1000, seed: int = 999) -> di
             "per_attribute": {name: round(v, 4) for name, v in zip(ATTRIBUTES, agree.mean(0).tolist())}}
 
 
-def fit(steps: int, batch_size: int, lr: float, attribute_weight: float, seed: int):
+def fit(steps: int, batch_size: int, lr: float, attribute_weight: float, seed: int, init: str = ""):
     from t2f.models.generator import build_generator, estimate_w_avg
     from t2f.toy.classifier import load_classifier
 
     torch.manual_seed(seed)
-    G = build_generator(ARCHITECTURE, impl="ref").train()
+    if init:  # continue an earlier fit (same architecture) instead of starting from random weights
+        from t2f.models.checkpoints import load_generator
+
+        G = load_generator(init, impl="ref").requires_grad_(True).train()
+    else:
+        G = build_generator(ARCHITECTURE, impl="ref").train()
     classifier = load_classifier().requires_grad_(False).eval() if attribute_weight > 0 else None
     # The mapping's equalised-lr multiplier (0.01) exists for GAN stability; for this regression it
     # would make the mapping learn 100x slower than the synthesis, so its step size is scaled back.
@@ -116,6 +121,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--attribute-weight", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", default="", help="start from this generator (continue a fit) instead of random weights")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster when the other core is busy)")
 
 
@@ -124,13 +130,13 @@ def run(args) -> int:
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    G, agreement = fit(args.steps, args.batch_size, args.lr, args.attribute_weight, args.seed)
+    G, agreement = fit(args.steps, args.batch_size, args.lr, args.attribute_weight, args.seed, args.init)
     weights, _ = save_generator(G, args.out)
     report = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "attribute_weight": args.attribute_weight,
               "seed": args.seed, "minutes": round((time.perf_counter() - start) / 60, 1),
               "classifier_agreement_with_renders": agreement,
               "command": f"t2f toy pretrain --steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} "
-                         f"--attribute-weight {args.attribute_weight} --seed {args.seed}"}
+                         f"--attribute-weight {args.attribute_weight} --seed {args.seed}" + (f" --init {args.init}" if args.init else "")}
     Path(str(args.out) + ".fit.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {weights}; classifier agreement G(z) vs render(z): {agreement['mean']:.3f} "
           f"(all attributes right: {agreement['exact_match']:.3f})")
