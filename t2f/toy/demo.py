@@ -93,17 +93,16 @@ def sample_grid(run_dir: Path, pipeline=None) -> Path:
 
 
 def summarise(record: dict) -> dict:
-    """The numbers the README reports, flattened from the evaluation record."""
-    values = record.get("metrics", record)
-    pick = lambda *names: next((values[n] for n in names if n in values), None)  # noqa: E731
+    """The numbers the README reports, flattened from the evaluation record (t2f/eval/report.py)."""
+    values = record["metrics"]
     return {
-        "attribute_accuracy": pick("attribute_accuracy"),
-        "exact_match": pick("exact_match", "attribute_exact_match"),
+        "attribute_accuracy": values.get("attribute_accuracy"),
+        "exact_match": values.get("attribute_exact_match"),
         "per_attribute": record.get("attribute_accuracy_per_attribute"),
-        "fid_toy": pick("toy_fid", "fid_toy"),
-        "lpips_diversity": pick("lpips_diversity", "diversity"),
+        "fid_toy": values.get("toy_fid"),
+        "lpips_diversity": values.get("lpips_diversity"),
         "recaptioner_bleu4": record.get("recaptioner_bleu4_real"),
-        "generated_bleu4": pick("bleu4", "bleu"),
+        "generated_bleu4": values.get("bleu4"),
         "skipped": record.get("skipped", {}),
     }
 
