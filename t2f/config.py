@@ -99,6 +99,10 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # The mapper is a copy of StyleGAN's mapping, whose weights are stored divided by its
+    # equalised-lr multiplier (0.01): at optim.lr it moves ~100x slower than the CA head.
+    # 1 keeps StyleGAN's own pace; 100 undoes the multiplier.
+    mapper_lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -86,13 +86,23 @@ def build_parts(cfg, device):
 
 
 def make_optimizer(cfg, model):
-    params = [p for p in model.parameters() if p.requires_grad]  # the frozen ResNet stays out
+    """Two parameter groups: the mapper (at optim.mapper_lr_scale x the rate) and the rest."""
     o = cfg.optim
+    mapper = [p for p in model.mapping.parameters() if p.requires_grad]
+    ids = {id(p) for p in mapper}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]  # the frozen ResNet stays out
+    groups = [{"params": rest, "lr_scale": 1.0}, {"params": mapper, "lr_scale": o.mapper_lr_scale}]
+    groups = [dict(g, lr=o.lr * g["lr_scale"]) for g in groups]
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     raise ValueError(f"optim.name must be 'sgd' or 'adamw', got {o.name!r}")
+
+
+def set_learning_rate(cfg, optimizer, step: int) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(cfg, step) * group.get("lr_scale", 1.0)
 
 
 def learning_rate(cfg, step: int) -> float:
@@ -230,8 +240,7 @@ def main(argv=None) -> int:
             if not bad:
                 accelerator.backward(loss)
                 grad_norm = _clip(accelerator, model, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(cfg, state["step"])
+                set_learning_rate(cfg, optimizer, state["step"])
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         state.update(epoch=epoch, batch_in_epoch=index + 1)

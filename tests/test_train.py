@@ -64,6 +64,27 @@ def test_loss_decreases_on_a_fixed_batch_and_the_generator_stays_frozen(tiny, tm
         assert torch.equal(value, frozen_before[key]), f"frozen generator changed: {key}"
 
 
+def _mapper_step(tmp_path, overrides):
+    """How far one AdamW step moves the mapper's and the CA head's weights (mean |change|)."""
+    cfg, s, batch, generator, model = _parts(tmp_path, overrides)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = train.make_optimizer(cfg, model)
+    train.set_learning_rate(cfg, optimizer, step=10_000)  # past any warm-up
+    loss, _ = model(s, batch["tokens"], batch["image"], generator.synthesis, cfg.loss, force_fp32=True)
+    loss.backward()
+    optimizer.step()
+    moved = {k: (v - before[k]).abs().mean().item() for k, v in model.state_dict().items()}
+    return moved["mapping.fc0.weight"], moved["ca.fc.weight"]
+
+
+def test_mapper_lr_scale_speeds_up_only_the_mapper(tiny, tmp_path):
+    base = ["optim.name=adamw", "optim.lr=1e-3", "optim.grad_clip=0"]
+    mapper_1, ca_1 = _mapper_step(tmp_path, tiny("run", 4, *base))
+    mapper_100, ca_100 = _mapper_step(tmp_path, tiny("run", 4, *base, "optim.mapper_lr_scale=100"))
+    assert mapper_100 == pytest.approx(100 * mapper_1, rel=0.05)  # Adam: the step is the learning rate
+    assert ca_100 == pytest.approx(ca_1, rel=1e-3)
+
+
 def test_generated_image_loss_never_updates_the_recaptioner(tiny, tmp_path):
     cfg, s, batch, generator, model = _parts(tmp_path, tiny())
     ws, *_ = model.latents(s)
