@@ -73,8 +73,8 @@ def _mapper_step(tmp_path, overrides):
     loss, _ = model(s, batch["tokens"], batch["image"], generator.synthesis, cfg.loss, force_fp32=True)
     loss.backward()
     optimizer.step()
-    moved = {k: (v - before[k]).abs().mean().item() for k, v in model.state_dict().items()}
-    return moved["mapping.fc0.weight"], moved["ca.fc.weight"]
+    after = model.state_dict()
+    return [(after[k] - before[k]).abs().mean().item() for k in ("mapping.fc0.weight", "ca.fc.weight")]
 
 
 def test_mapper_lr_scale_speeds_up_only_the_mapper(tiny, tmp_path):
@@ -87,12 +87,18 @@ def test_mapper_lr_scale_speeds_up_only_the_mapper(tiny, tmp_path):
 
 def test_generated_image_loss_never_updates_the_recaptioner(tiny, tmp_path):
     cfg, s, batch, generator, model = _parts(tmp_path, tiny())
+    buffers = {name: b.clone() for name, b in model.recaptioner.named_buffers()}
+    assert any("running_mean" in name for name in buffers)  # the toy encoder has batch norm
     ws, *_ = model.latents(s)
     images = generator.synthesis(ws, noise_mode="const", force_fp32=True)
     logits, alphas = model.read_generated(images, batch["tokens"])
     logits.logsumexp(-1).sum().backward()
     assert all(p.grad is None for p in model.recaptioner.parameters())  # weights untouched ...
+    assert model.recaptioner.training  # (the generated pass leaves it in train mode)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.mapping.parameters())  # ... the mapper learns
+
+    for name, b in model.recaptioner.named_buffers():  # nor its batch-norm statistics
+        assert torch.equal(b, buffers[name]), f"recaptioner.{name} changed on generated images"
 
     # In the full step the recaptioner's gradient is exactly that of its real-pair loss.
     model.zero_grad(set_to_none=True)

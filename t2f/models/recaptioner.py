@@ -11,7 +11,8 @@ Image encoder: ResNet-101 with ImageNet weights from a local file or the torch h
 downloaded here), cut before its pooling and classifier, pooled to a grid of L = grid² vectors of
 D = 2048. It is frozen (optionally its top block trains); its batch-norm statistics always stay
 frozen, because the small batches of this method would make batch statistics noisy. The 'small'
-encoder is a few randomly initialised convolutions for the toy world and tests; it always trains.
+encoder is a few randomly initialised convolutions with batch norm for the toy world and tests;
+it always trains.
 
 Decoder (per step k): β_k = softmax_i MLP(a_i, h_{k-1}); ẑ_k = sigmoid(W h_{k-1}) ⊙ Σ_i β_ki a_i;
 h_k = LSTM([E y_{k-1}, ẑ_k], h_{k-1}); p(y_k) ∝ exp(L_o(E y_{k-1} + L_h h_k + L_z ẑ_k)),
@@ -98,17 +99,23 @@ class ResNetEncoder(nn.Module):
 
 
 class SmallEncoder(nn.Module):
-    """A few strided convolutions, randomly initialised: the toy world's image encoder."""
+    """A few strided convolutions, randomly initialised: the toy world's image encoder.
+
+    Batch norm after every convolution: without it a small mouth (Smiling, Mouth_Slightly_Open)
+    was never learnt in the demo's budget (a linear probe on this encoder after 400 steps on
+    toy renders: 0.55 -> 0.80 on Smiling, 0.57 -> 0.95 on Mouth_Slightly_Open). The generated-
+    image pass reads with the running statistics of real images (TextToFace.read_generated).
+    """
 
     def __init__(self, channels: int, grid: int):
         super().__init__()
         half = max(channels // 2, 1)
-        self.body = nn.Sequential(
-            nn.Conv2d(3, half, 3, stride=2, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(half, channels, 3, stride=2, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
-        )
+
+        def conv(c_in, c_out, stride):
+            return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+        self.body = nn.Sequential(*conv(3, half, 2), *conv(half, channels, 2), *conv(channels, channels, 2),
+                                  *conv(channels, channels, 1))
         self.pool = nn.AdaptiveAvgPool2d(grid)
         self.out_dim = channels
 

@@ -14,6 +14,7 @@ are never prepared, never saved with the trainable weights and never receive gra
 - the KL term of the CA head, and the optional w-space regulariser.
 """
 
+import contextlib
 import copy
 
 import torch
@@ -42,9 +43,14 @@ class TextToFace(nn.Module):
         return ws, z, mu, logvar
 
     def read_generated(self, images, tokens):
-        """Recaptioner forward with its parameters detached: gradients reach `images`, never its weights."""
+        """Recaptioner forward with its parameters detached: gradients reach `images`, never its weights.
+
+        Its batch-norm layers read with the running statistics of real images (eval mode), as at
+        test time: generated batches neither update those statistics nor get normalised by their own.
+        """
         frozen = {name: p.detach() for name, p in self.recaptioner.named_parameters()}
-        return functional_call(self.recaptioner, frozen, (images, tokens))
+        with _batch_norm_in_eval_mode(self.recaptioner):
+            return functional_call(self.recaptioner, frozen, (images, tokens))
 
     def forward(self, text_features, tokens, real_images, synthesis, loss_cfg, joint=True, noise_mode="const",
                 force_fp32=False):
@@ -81,6 +87,18 @@ class TextToFace(nn.Module):
             z, _, _ = self.ca(text_features, deterministic=True)
             w_ref = reference(z, None)
         return (ws - w_ref).square().mean()
+
+
+@contextlib.contextmanager
+def _batch_norm_in_eval_mode(module: nn.Module):
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
 
 
 def build_text_to_face(cfg, text_dim: int, generator: nn.Module, vocab_size: int) -> TextToFace:
