@@ -259,18 +259,19 @@ def test_array_shard_job_writes_the_same_shards_and_manifest_as_a_local_build(sl
     assert comparable(tmp_path / "array")["complete"] is True
     assert (tmp_path / "array/vocab.json").read_bytes() == (tmp_path / "local/vocab.json").read_bytes()
 
-    # Slice 1 lost (its shards and record gone, no manifest): re-running it alone, as the script's
-    # header says, rebuilds it and the manifest job follows it again.
-    record = tmp_path / "array/.slice-1-of-2.json"
-    lost = [entry["name"] for entry in json.loads(record.read_text())["shards"]]
-    assert lost
-    for name in [*lost, record.name, "manifest.json", "vocab.json"]:
-        (tmp_path / "array" / name).unlink()
-    slurm_cluster.sbatch(ROOT / "slurm/shards.sbatch", *build, "--out", tmp_path / "array", cwd=tmp_path,
-                         options=["--array=1", "--cpus-per-task=1"], env={"T2F_ROOT": str(ROOT), "T2F_SHARDS_SLICES": "2"})
-    deadline = time.monotonic() + 60
-    while len(finals := [j for j in slurm_cluster.jobs() if j["JobName"] == "t2f-shards-manifest"]) < 2:
-        assert time.monotonic() < deadline, "the re-run slice did not submit the manifest job"
-        time.sleep(0.5)
-    slurm_cluster.wait(max(int(j["JobId"]) for j in finals), "COMPLETED", timeout=120)
-    assert comparable(tmp_path / "array") == comparable(tmp_path / "local")
+    # One slice at a time, as the script's header says to re-run a failed slice: slice 0 alone
+    # leaves the manifest job failing (slice 1 missing); slice 1 alone then completes the build.
+    def manifest_jobs():
+        return sorted(int(j["JobId"]) for j in slurm_cluster.jobs() if j["JobName"] == "t2f-shards-manifest")
+
+    for index, outcome in ((0, "FAILED"), (1, "COMPLETED")):
+        before = manifest_jobs()
+        slurm_cluster.sbatch(ROOT / "slurm/shards.sbatch", *build, "--out", tmp_path / "rerun", cwd=tmp_path,
+                             options=[f"--array={index}", "--cpus-per-task=1"],
+                             env={"T2F_ROOT": str(ROOT), "T2F_SHARDS_SLICES": "2"})
+        deadline = time.monotonic() + 60
+        while len(jobs := manifest_jobs()) == len(before):
+            assert time.monotonic() < deadline, f"slice {index} did not submit the manifest job"
+            time.sleep(0.5)
+        slurm_cluster.wait(jobs[-1], outcome, timeout=120)
+    assert comparable(tmp_path / "rerun") == comparable(tmp_path / "local")
