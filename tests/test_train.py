@@ -85,6 +85,20 @@ def test_mapper_lr_scale_speeds_up_only_the_mapper(tiny, tmp_path):
     assert ca_100 == pytest.approx(ca_1, rel=1e-3)
 
 
+def test_w_regulariser_measures_only_the_mappers_drift(tiny, tmp_path):
+    cfg, s, batch, generator, model = _parts(tmp_path, tiny("run", 4, "loss.w_reg_weight=1"))
+    _, z, _, _ = model.latents(s)  # sampled z, CA noise included
+    assert model.w_regulariser(z).item() == 0.0  # an untrained mapper is the pretrained mapping, whatever z
+    with torch.no_grad():
+        model.mapping.fc0.bias.add_(1.0)
+    _, z, _, _ = model.latents(s)
+    drift = model.w_regulariser(z)
+    assert drift.item() > 0
+    drift.backward()
+    assert model.mapping.fc0.bias.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.ca.parameters())  # the CA head is left to the KL term
+
+
 def test_generated_image_loss_never_updates_the_recaptioner(tiny, tmp_path):
     cfg, s, batch, generator, model = _parts(tmp_path, tiny())
     buffers = {name: b.clone() for name, b in model.recaptioner.named_buffers()}

@@ -65,7 +65,7 @@ class TextToFace(nn.Module):
             idle = sum(p.sum() for p in (*self.ca.parameters(), *self.mapping.parameters())) * 0.0
             return real_loss + idle, logs
 
-        ws, _, mu, logvar = self.latents(text_features)
+        ws, z, mu, logvar = self.latents(text_features)
         images = synthesis(ws.to(torch.float32), noise_mode=noise_mode, force_fp32=force_fp32)  # (B, C, H, W)
         gen_logits, gen_alphas = self.read_generated(images, tokens)
         trl, trl_parts = text_reconstruction_loss(gen_logits, targets, gen_alphas, loss_cfg.attention_weight)
@@ -73,20 +73,24 @@ class TextToFace(nn.Module):
         total = real_loss + loss_cfg.kl_weight * kl + loss_cfg.trl_weight * trl
         logs.update(kl=kl.detach(), trl=trl.detach(), trl_ce=trl_parts["ce"], attention=trl_parts["attention"])
         if loss_cfg.w_reg_weight > 0:
-            w_reg = self.w_regulariser(ws, text_features)
+            w_reg = self.w_regulariser(z)
             total = total + loss_cfg.w_reg_weight * w_reg
             logs["w_reg"] = w_reg.detach()
         return total, logs
 
-    def w_regulariser(self, ws, text_features):
-        """Mean squared distance of w to what the pretrained mapping gives for the same z."""
+    def w_regulariser(self, z):
+        """Mean squared distance of the mapper's w to the pretrained mapping's w at the same z.
+
+        z is detached: the term keeps the mapper near the pretrained mapping and leaves the CA
+        head (and its noise, which the KL term governs) alone.
+        """
         if not self._reference_mapping:
             raise RuntimeError("loss.w_reg_weight > 0 needs TextToFace(keep_reference_mapping=True)")
-        reference = self._reference_mapping[0].to(ws.device)
+        reference = self._reference_mapping[0].to(z.device)
+        z = z.detach()
         with torch.no_grad():
-            z, _, _ = self.ca(text_features, deterministic=True)
             w_ref = reference(z, None)
-        return (ws - w_ref).square().mean()
+        return (self.mapping(z, None) - w_ref).square().mean()
 
 
 @contextlib.contextmanager
