@@ -91,8 +91,8 @@ def make_optimizer(cfg, model):
     mapper = [p for p in model.mapping.parameters() if p.requires_grad]
     ids = {id(p) for p in mapper}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]  # the frozen ResNet stays out
-    groups = [{"params": rest, "lr_scale": 1.0}, {"params": mapper, "lr_scale": o.mapper_lr_scale}]
-    groups = [dict(g, lr=o.lr * g["lr_scale"]) for g in groups]
+    groups = [{"params": rest, "lr_scale": 1.0},
+              {"params": mapper, "lr_scale": o.mapper_lr_scale, "lr": o.lr * o.mapper_lr_scale}]
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     if o.name == "adamw":
@@ -102,7 +102,7 @@ def make_optimizer(cfg, model):
 
 def set_learning_rate(cfg, optimizer, step: int) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = learning_rate(cfg, step) * group.get("lr_scale", 1.0)
+        group["lr"] = learning_rate(cfg, step) * group["lr_scale"]
 
 
 def learning_rate(cfg, step: int) -> float:

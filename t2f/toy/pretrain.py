@@ -89,12 +89,12 @@ def fit(steps: int, batch_size: int, lr: float, attribute_weight: float, seed: i
         G = build_generator(ARCHITECTURE, impl="ref").train()
     classifier = load_classifier().requires_grad_(False).eval() if attribute_weight > 0 else None
     # The mapping's equalised-lr multiplier (0.01) exists for GAN stability; here the mapping has to
-    # learn the world's latent map (thresholds, normal CDFs) and is the bottleneck, so its step size
-    # is scaled back and then up: MAPPING_SPEEDUP x the synthesis's rate. L1 after 400 steps from
+    # learn the world's latent map (thresholds, normal CDFs) and is the bottleneck, so the multiplier
+    # is undone and the mapping steps at MAPPING_SPEEDUP x the synthesis's rate. L1 after 400 steps from
     # scratch at a constant lr 3e-3: 0.1x -> 0.247, 0.33x -> 0.231, 1x -> 0.197, 3.3x -> 0.183,
     # 10x -> 0.184. Momentum helps this regression too (beta1 0.9 vs the GAN setting 0: 0.183 vs
     # 0.205); OneCycleLR below cycles beta1 between 0.85 and 0.95.
-    mapping_lr = lr / ARCHITECTURE["mapping_lr_multiplier"] * MAPPING_SPEEDUP
+    mapping_lr = lr / G.mapping.lr_multiplier * MAPPING_SPEEDUP  # the model's own (an --init file's too)
     optimizer = torch.optim.Adam([{"params": G.synthesis.parameters()}, {"params": G.mapping.parameters(), "lr": mapping_lr}],
                                  lr=lr, betas=(0.9, 0.99))
     # One-cycle: short warm-up, then anneal to ~0 so the last steps polish. Too short a run to
