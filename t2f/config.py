@@ -69,8 +69,8 @@ class GeneratorConfig:
 
 @dataclass(frozen=True)
 class RecaptionerConfig:
-    encoder: str = "resnet101"  # resnet101 | small
-    encoder_weights: str = ""  # local file of ImageNet weights; empty = torch hub cache
+    encoder: str = "resnet101"  # resnet101 | small (random init, trains) | toy (frozen toy-world backbone)
+    encoder_weights: str = ""  # local weights file; empty = torch hub cache (resnet101) or the shipped toy backbone
     finetune_encoder: bool = False  # train the top CNN block too
     feature_grid: int = 14  # L = grid^2 feature vectors
     input_size: int = 224

@@ -1,7 +1,9 @@
-"""Recaptioner: overfits toy pairs, decodes them back, passes gradients to images, loads ResNet-101 offline."""
+"""Recaptioner: overfits toy pairs, decodes them back, passes gradients to images, loads ResNet-101
+offline and the toy world's frozen backbone."""
 
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +12,8 @@ from t2f.data.vocab import Vocab
 from t2f.eval.captions import bleu4, recaptioner_bleu4
 from t2f.losses import text_reconstruction_loss
 from t2f.models.recaptioner import RESNET101_FILES, Recaptioner
+from t2f.toy.classifier import BACKBONE, images_to_tensor, load_classifier
+from t2f.toy.render import sample_batch
 
 TINY = RecaptionerConfig(
     encoder="small", small_channels=16, feature_grid=4, input_size=32,
@@ -147,3 +151,24 @@ def test_resnet101_missing_weights_error_names_files_and_fix(tmp_path, monkeypat
     assert "IMAGENET1K_V1" in message and "encoder_weights" in message
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         Recaptioner(resnet_cfg(encoder_weights=str(tmp_path / "nowhere.pth")), vocab_size=10)
+
+
+def test_toy_encoder_is_the_frozen_backbone_not_the_judge():
+    cfg = RecaptionerConfig(encoder="toy", feature_grid=4, input_size=64, embed_dim=16, hidden_dim=16,
+                            attention_dim=16)
+    model = Recaptioner(cfg, vocab_size=10).train()
+    backbone, judge = load_classifier(BACKBONE), load_classifier()
+    conv = model.encoder.body[0].weight
+    assert torch.equal(conv, backbone.convs[0].weight) and not torch.equal(conv, judge.convs[0].weight)
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    assert not model.encoder.body.training  # batch-norm statistics of the pretraining stay frozen
+
+    # It sees what the classifier sees: images in [-1, 1] reach the convolutions unchanged.
+    images = images_to_tensor(sample_batch(np.random.default_rng(0), 2)[0])  # (2, 3, 64, 64)
+    assert torch.allclose(model.preprocess(images), images, atol=1e-6)
+    images.requires_grad_(True)
+    feats = model.encode_images(images)
+    assert feats.shape == (2, 16, backbone.hidden.in_features)
+    assert torch.allclose(feats, backbone.convs(images.detach()).flatten(2).transpose(1, 2), atol=1e-5)
+    feats.sum().backward()
+    assert images.grad.abs().sum() > 0  # the mapper learns through it

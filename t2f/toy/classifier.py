@@ -10,6 +10,10 @@ attribute in ATTRIBUTES order. It trains on renders drawn fresh for every batch,
 a face twice; half of each batch is blurred so it also judges the softer faces a generator makes.
 800 steps take about 50 s on one CPU thread: `t2f toy classifier --out DIR` reproduces the shipped
 weights bit for bit (seeded) and reports per-attribute accuracy on held-out renders.
+
+Two are shipped: the judge (t2f/toy/assets, seed 0), which scores the demo, and the backbone
+(t2f/toy/assets/backbone, `--seed 1`), whose convolutions are the recaptioner's frozen image
+encoder (recaptioner.encoder=toy). Separate seeds keep the judge out of the training signal.
 """
 
 import functools
@@ -29,6 +33,8 @@ from t2f.toy.render import SIZE, sample_batch
 
 ASSETS = Path(__file__).parent / "assets"
 WEIGHTS_NAME, INFO_NAME = "classifier.safetensors", "classifier.json"
+# A second classifier (another seed): the recaptioner's pretrained encoder, never the judge.
+BACKBONE = ASSETS / "backbone" / WEIGHTS_NAME
 
 
 class AttributeClassifier(nn.Module):

@@ -2,6 +2,7 @@
 
     t2f toy render --out faces.png --seed 0      a grid of random faces, one caption each printed
     t2f toy classifier --out t2f/toy/assets      retrain the attribute classifier (seeded), print accuracy
+    t2f toy classifier --out t2f/toy/assets/backbone --seed 1   retrain the recaptioner's toy backbone
     t2f toy shards --out shards/toy              the toy dataset as WebDataset shards (real builder)
     t2f toy pretrain --out t2f/toy/assets/generator   refit the shipped tiny StyleGAN2 to the renderer
 
