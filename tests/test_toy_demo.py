@@ -64,8 +64,22 @@ def test_shortened_demo_writes_every_file(tmp_path):
                       "--train-faces", "40", "--test-faces", "8", "train.recaptioner_warmup_steps=3",
                       "train.sample_every=6", "train.log_every=2", "data.batch_size=8"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("attribute_accuracy", "exact_match", "fid_toy", "recaptioner_bleu4", "per_attribute"):
+    for key in ("attribute_accuracy", "exact_match", "latent_accuracy", "fid_toy", "recaptioner_bleu4", "per_attribute"):
         assert metrics[key] is not None, key
     assert 0 <= metrics["attribute_accuracy"] <= 1 and set(metrics["per_attribute"]) == set(ATTRIBUTES)
+    assert 0 <= metrics["latent_accuracy"] <= 1
     assert (out / "samples.png").stat().st_size > 0 and list((out / "wandb").glob("offline-run-*"))
     assert (out / "samples" / "step-00000006.png").is_file()
+
+
+def test_latent_agreement_reads_z_with_the_worlds_own_map():
+    from t2f.toy.attributes import params_from_latent
+    from t2f.toy.captions import captions_for
+    from t2f.toy.demo import latent_agreement
+
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((64, 32))
+    captions = [captions_for(params_from_latent(row)[0], rng, n=1)[0] for row in z]
+    assert latent_agreement(z, captions).all()  # each latent is exactly the face its caption names
+    shuffled = latent_agreement(z[::-1], captions)
+    assert shuffled.shape == (64, len(ATTRIBUTES)) and 0.4 < shuffled.mean() < 0.9  # unrelated faces: partly right

@@ -69,7 +69,40 @@ def evaluate_run(run_dir: Path) -> dict:
     pipeline = load_pipeline(run_dir, overrides=["eval.metrics=attributes,toy_fid,diversity,bleu"])
     record = evaluate(pipeline, out_path=run_dir / "eval.json", skip_missing=True, progress=True)
     record["recaptioner_bleu4_real"] = real_image_bleu4(pipeline)["recaptioner_bleu4"]
+    record["latent_accuracy"] = latent_accuracy(pipeline)
     return record
+
+
+def latent_accuracy(pipeline) -> float:
+    """A check no classifier takes part in: the CA head's mean z for each held-out caption, read by
+    the world's own latent map (params_from_latent), against the caption's attributes. It says
+    whether training asks the generator for the right face, however well the generator draws it."""
+    import numpy as np
+    import torch
+
+    from t2f.data.loader import make_eval_loader
+
+    cfg = pipeline.cfg
+    loader = make_eval_loader(cfg.data.shards, cfg.data.eval_split, batch_size=cfg.eval.batch_size,
+                              resolution=cfg.data.resolution, vocab=pipeline.vocab)
+    hits = []
+    for batch in loader:
+        with torch.no_grad():
+            _, mu, _ = pipeline.model.ca(pipeline.encode(batch["caption"]), deterministic=True)  # (B, Z)
+        hits.append(latent_agreement(mu.cpu().numpy(), batch["caption"]))
+    return float(np.concatenate(hits).mean())
+
+
+def latent_agreement(z, captions):
+    """(B, A) bool: does latent z[i] mean attribute a of the face caption i describes?"""
+    import numpy as np
+
+    from t2f.toy.attributes import attribute_vector, params_from_latent
+    from t2f.toy.captions import parse_caption
+
+    asked = np.stack([attribute_vector(params_from_latent(row)[0]) for row in z])
+    wanted = np.stack([attribute_vector(parse_caption(c)) for c in captions])
+    return asked == wanted
 
 
 def sample_grid(run_dir: Path, pipeline=None) -> Path:
@@ -97,6 +130,7 @@ def summarise(record: dict) -> dict:
     values = record["metrics"]
     return {
         "attribute_accuracy": values.get("attribute_accuracy"),
+        "latent_accuracy": record.get("latent_accuracy"),
         "exact_match": values.get("attribute_exact_match"),
         "per_attribute": record.get("attribute_accuracy_per_attribute"),
         "fid_toy": values.get("toy_fid"),
@@ -110,6 +144,7 @@ def summarise(record: dict) -> dict:
 def print_table(metrics: dict) -> None:
     rows = [("attribute_accuracy", "faces agree with the caption, mean over 14 attributes"),
             ("exact_match", "faces with all 14 attributes right"),
+            ("latent_accuracy", "the CA head's z read by the world's latent map (no classifier)"),
             ("fid_toy", "FID on the toy classifier's features (lower is better)"),
             ("lpips_diversity", "LPIPS between two samples of one caption"),
             ("recaptioner_bleu4", "recaptioner BLEU-4 on real held-out faces"),
