@@ -8,6 +8,7 @@ Writes runs/demo/{samples.png, metrics.json} (plus the run's checkpoints, metric
 offline logs) and prints a table. The number that says whether the method works is
 `attribute_accuracy`: the shipped toy classifier reads the generated face of each held-out
 caption, and we count how many of the 14 attributes agree with what the caption says.
+`latent_accuracy` checks the same without any classifier (see `latent_accuracy`).
 """
 
 import argparse
