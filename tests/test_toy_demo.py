@@ -10,7 +10,7 @@ from t2f.models.checkpoints import load_generator
 from t2f.toy import pretrain
 from t2f.toy.attributes import ATTRIBUTES
 from t2f.toy.captions import parse_caption
-from t2f.toy.classifier import load_classifier
+from t2f.toy.classifier import BACKBONE, load_classifier
 
 SHIPPED = pretrain.ASSETS / "generator.safetensors"
 SHIPPED_AGREEMENT = 0.90  # measured 0.931 on 1000 held-out z (generator.fit.json), 0.925 on the 300 here
@@ -49,10 +49,15 @@ def test_shipped_generator_draws_the_attributes_of_its_latent():
 def test_pretrain_command_writes_a_loadable_generator(tmp_path):
     from t2f.toy.cli import main
 
-    assert main(["pretrain", "--out", str(tmp_path / "g"), "--steps", "2", "--batch-size", "4"]) == 0
+    assert main(["pretrain", "--out", str(tmp_path / "g"), "--steps", "2", "--batch-size", "4",
+                 "--classifier", str(BACKBONE)]) == 0
     G = load_generator(tmp_path / "g.safetensors")
     assert torch.isfinite(G(torch.randn(2, G.z_dim))).all()
-    assert "classifier_agreement_with_renders" in json.loads((tmp_path / "g.fit.json").read_text())
+    report = json.loads((tmp_path / "g.fit.json").read_text())
+    assert "classifier_agreement_with_renders" in report and f"--classifier {BACKBONE}" in report["command"]
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        main(["pretrain", "--out", str(tmp_path / "h"), "--steps", "2", "--batch-size", "4",
+              "--classifier", str(tmp_path / "nowhere.safetensors")])
 
 
 @pytest.mark.slow
