@@ -36,6 +36,12 @@ class TextToFace(nn.Module):
         # (not a submodule) so it is neither trained nor saved nor wrapped by DDP.
         self._reference_mapping = [copy.deepcopy(mapping).requires_grad_(False).eval()] if keep_reference_mapping else []
 
+    def _apply(self, fn, recurse=True):
+        # model.to(device) / .half() reach the plain-attribute reference too, once, at start-up
+        for reference in self._reference_mapping:
+            reference._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
     def latents(self, s: torch.Tensor, deterministic=False, truncation_psi=1.0, generator=None):
         """Text features (B, S) -> ws (B, num_ws, w_dim), with the CA statistics."""
         z, mu, logvar = self.ca(s, deterministic=deterministic, generator=generator)  # (B, Z)
@@ -86,10 +92,9 @@ class TextToFace(nn.Module):
         """
         if not self._reference_mapping:
             raise RuntimeError("loss.w_reg_weight > 0 needs TextToFace(keep_reference_mapping=True)")
-        reference = self._reference_mapping[0].to(z.device)
         z = z.detach()
         with torch.no_grad():
-            w_ref = reference(z, None)
+            w_ref = self._reference_mapping[0](z, None)
         return (self.mapping(z, None) - w_ref).square().mean()
 
 
