@@ -12,7 +12,7 @@ BENCHMARKS = {
     "ops": ("t2f.ops.benchmark", "fused Triton ops vs the PyTorch reference at FFHQ-1024 layer shapes"),
     "generator": ("t2f.models.benchmark", "synthesis forward+backward-to-w: fp16 fused vs fp16 ref vs fp32 ref"),
     "data": ("t2f.data.benchmark", "WebDataset loader vs a plain Dataset over the source folder"),
-    "train": ("t2f.train_benchmark", "training samples/s and peak memory, fp16-fused vs fp32-reference generator"),
+    "train": ("t2f.trainer.benchmark", "training samples/s and peak memory, fp16-fused vs fp32-reference generator"),
 }
 
 

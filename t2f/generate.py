@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     from t2f.checkpointing import CheckpointNotFound
     from t2f.config import ConfigError
     from t2f.inference import PipelineError, load_pipeline
-    from t2f.models.checkpoints import CheckpointError
+    from t2f.models.weights import CheckpointError
     from t2f.models.text_encoder import TextEncoderError
 
     args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)

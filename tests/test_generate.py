@@ -22,7 +22,7 @@ def tiny_checkpoint(tmp: Path, step: int = 4) -> Path:
     from t2f.checkpointing import CKPT_DIR, WEIGHTS, checkpoint_name
     from t2f.config import load_config, save_config
     from t2f.data.vocab import Vocab
-    from t2f.models.checkpoints import save_generator
+    from t2f.models.weights import save_generator
     from t2f.models.generator import architecture_from_config, build_generator
     from t2f.models.text_encoder import TextEncoder
     from t2f.models.text_to_face import build_text_to_face

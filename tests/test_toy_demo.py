@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from t2f.models.checkpoints import load_generator
+from t2f.models.weights import load_generator
 from t2f.toy import pretrain
 from t2f.toy.attributes import ATTRIBUTES
 from t2f.toy.captions import parse_caption

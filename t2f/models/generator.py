@@ -105,7 +105,7 @@ def generator_from_config(cfg, device="cpu") -> Generator:
     """
     if not cfg.checkpoint:
         return build_generator(architecture_from_config(cfg), impl=cfg.impl).to(device).eval()
-    from t2f.models.checkpoints import load_generator  # checkpoints imports this module
+    from t2f.models.weights import load_generator  # weights imports this module
 
     G = load_generator(cfg.checkpoint, device=device, impl=cfg.impl)
     arch = architecture(G)

@@ -86,7 +86,7 @@ def fit(steps: int, batch_size: int, lr: float, attribute_weight: float, seed: i
 
     torch.manual_seed(seed)
     if init:  # continue an earlier fit (same architecture) instead of starting from random weights
-        from t2f.models.checkpoints import load_generator
+        from t2f.models.weights import load_generator
 
         G = load_generator(init, impl="ref").requires_grad_(True).train()
     else:
@@ -141,7 +141,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from t2f.models.checkpoints import save_generator
+    from t2f.models.weights import save_generator
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()

@@ -14,7 +14,7 @@ import torch
 
 from t2f.cli import main as cli_main
 from t2f.config import GeneratorConfig
-from t2f.models.checkpoints import CheckpointError, detect_format, load_generator, save_generator
+from t2f.models.weights import CheckpointError, detect_format, load_generator, save_generator
 from t2f.models.generator import Generator, architecture, generator_from_config
 from t2f.models.mapping import FullyConnectedLayer, MappingNetwork
 from t2f.models.synthesis import SynthesisBlock, SynthesisLayer, SynthesisNetwork, ToRGBLayer
