@@ -4,7 +4,13 @@
     images = pipe.generate(["a smiling woman with blond hair"], n=4, seed=0, truncation_psi=0.7)
     pipe.read_back(images)                                           # what the recaptioner reads
 
-`Pipeline.from_parts(...)` wraps models that are already in memory (the trainer's live model).
+`Pipeline.from_parts(...)` wraps models that are already in memory: the trainer's sample grids and
+periodic evaluation go through the same `generate`, so a grid at step N is what `t2f generate
+--ckpt .../step-N --seed train.seed` draws. `build_models` is the one place the frozen text
+encoder, the generator and the TextToFace of a config are built, for training and inference alike.
+
+A checkpoint with an EMA of the text path (`ema.safetensors`, `train.ema_decay` > 0) generates
+with the EMA unless `use_ema=False`.
 
 Determinism: every image has its own CA noise, drawn from a torch.Generator seeded by a hash of
 (seed, which caption, which sample), so an image does not depend on the other captions in the
@@ -20,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from t2f.checkpointing import WEIGHTS, resolve_checkpoint
+
+EMA_WEIGHTS = "ema.safetensors"  # written by the trainer beside WEIGHTS when it keeps an EMA
 
 
 class PipelineError(RuntimeError):
@@ -80,9 +88,7 @@ class Pipeline:
     @torch.no_grad()
     def synthesize(self, ws: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """ws (B, num_ws, w_dim) -> images (B, 3, H, W) float32 in [-1, 1], on the pipeline's device."""
-        force_fp32 = self.device.type != "cuda"
-        chunks = [self.generator.synthesis(w.float(), noise_mode="const", force_fp32=force_fp32)
-                  for w in ws.split(batch_size)]
+        chunks = [self.generator.synthesis(w.float(), noise_mode="const") for w in ws.split(batch_size)]
         return torch.cat(chunks).float().clamp(-1, 1)  # (B, 3, H, W)
 
     def generate(self, captions: list[str], n: int = 1, seed: int = 0, truncation_psi: float = 1.0,
@@ -113,15 +119,13 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
 
 
-def load_pipeline(run_or_ckpt, device="cpu", overrides=()) -> Pipeline:
+def load_pipeline(run_or_ckpt, device="cpu", overrides=(), use_ema=True) -> Pipeline:
     """Everything needed to generate from a run or checkpoint directory.
 
     `overrides` are dotted config overrides applied to the checkpoint's config, e.g. a local
-    path for the text encoder or the generator weights on another machine.
+    path for the text encoder or the generator weights on another machine. The text path's EMA
+    replaces the trained CA head and mapper when the checkpoint has one and `use_ema` is true.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from t2f.config import ConfigError, load_config
     from t2f.data.vocab import Vocab
 
@@ -130,11 +134,9 @@ def load_pipeline(run_or_ckpt, device="cpu", overrides=()) -> Pipeline:
         cfg = load_config(str(ckpt / "config.yaml"), list(overrides))
     except ConfigError as err:
         raise PipelineError(f"{ckpt}: its config.yaml cannot be used: {err}") from None
-    try:
-        state = load_file(str(ckpt / WEIGHTS))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise PipelineError(f"{ckpt / WEIGHTS} is not a readable safetensors file ({err}); "
-                            "point --ckpt at a checkpoint written by `t2f train`") from None
+    state = _read_weights(ckpt / WEIGHTS)
+    if use_ema and (ckpt / EMA_WEIGHTS).is_file():
+        state.update(_read_weights(ckpt / EMA_WEIGHTS))  # ca.* and mapping.* only
     try:
         vocab = Vocab.load(ckpt / "vocab.json")
     except (OSError, ValueError) as err:
@@ -143,16 +145,28 @@ def load_pipeline(run_or_ckpt, device="cpu", overrides=()) -> Pipeline:
         warnings.warn(f"{ckpt}: trained with a randomly initialised generator (generator.checkpoint is empty), "
                       "which checkpoints do not store; this one is a new random generator, so images will not "
                       "match training. Override generator.checkpoint=FILE with the generator it was trained with.")
-    text_encoder, generator, model = _build_models(cfg, len(vocab), device)
+    text_encoder, generator, model = build_models(cfg, len(vocab), device)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise PipelineError(f"{ckpt / WEIGHTS} does not match the model its config.yaml describes: "
                             f"{str(err).splitlines()[0]} ...") from None
-    return Pipeline(cfg, model.eval(), generator, text_encoder, vocab, checkpoint=Path(ckpt))
+    return Pipeline(cfg, model.requires_grad_(False).eval(), generator, text_encoder, vocab, checkpoint=Path(ckpt))
 
 
-def _build_models(cfg, vocab_size: int, device):
+def _read_weights(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise PipelineError(f"{path} is not a readable safetensors file ({err}); "
+                            "point --ckpt at a checkpoint written by `t2f train`") from None
+
+
+def build_models(cfg, vocab_size: int, device):
+    """(frozen text encoder, frozen generator, TextToFace) for `cfg`; the TextToFace is trainable."""
     from t2f.models.generator import generator_from_config
     from t2f.models.text_encoder import TextEncoder
     from t2f.models.text_to_face import build_text_to_face
@@ -161,4 +175,4 @@ def _build_models(cfg, vocab_size: int, device):
                                device=device)
     generator = generator_from_config(cfg.generator, device=device).requires_grad_(False).eval()
     model = build_text_to_face(cfg, text_encoder.dim, generator, vocab_size).to(device)
-    return text_encoder, generator, model.requires_grad_(False).eval()
+    return text_encoder, generator, model

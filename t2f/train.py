@@ -2,15 +2,18 @@
 
 One step (METHOD.md): caption -> frozen text encoder (or features stored in the shards) -> CA
 -> mapper -> frozen synthesis -> image -> recaptioner -> L = λ1·KL + λ2·TRL for CA + mapper,
-plus the recaptioner's own loss on the real pair (see t2f/models/text_to_face.py).
+plus the recaptioner's own loss on the real pair (t2f/trainer/loss.py).
 
 Runs on one CPU, DDP or DeepSpeed (through the Accelerate config). The WebDataset loader is
-split by rank and worker already, so it is not passed to `accelerator.prepare`. Checkpoints
-are atomic (t2f/checkpointing.py); SIGTERM/SIGUSR1 finish the step, checkpoint and exit with
-REQUEUE_EXIT_CODE so a batch script can requeue; a run directory with a checkpoint resumes.
+split by rank and worker already, so it is not passed to `accelerator.prepare`; it is built once
+and re-seeded each epoch. Checkpoints are atomic (t2f/checkpointing.py); SIGTERM/SIGUSR1 finish
+the step, checkpoint and exit with REQUEUE_EXIT_CODE so a batch script can requeue; a run
+directory with a checkpoint resumes. Bad input (config, shards, weights) is one line on stderr
+and exit 2, before the run directory is touched.
 """
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -24,12 +27,19 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch t2f/train
 import torch
 
 from t2f.checkpointing import latest_checkpoint, read_state, resolve_checkpoint, save_checkpoint
-from t2f.config import load_config, save_config
+from t2f.config import ConfigError, load_config, save_config
+from t2f.data.loader import DataAccounting, DataFaultError
 from t2f.monitor import Monitor, init_tracking
+from t2f.trainer.optim import is_joint, learning_rate, make_optimizer, set_learning_rate
 
 # "Stopped by a signal after a clean checkpoint": slurm/train.sbatch requeues the job on it. Defined
 # in ./launch (T2F_REQUEUE_EXIT, sysexits' EX_TEMPFAIL); the default serves runs started without it.
 REQUEUE_EXIT_CODE = int(os.environ.get("T2F_REQUEUE_EXIT", "75"))
+BAD_INPUT_EXIT_CODE = 2
+
+
+class BadInput(Exception):
+    """Something the user gave (config, shards, weights) cannot be used; the message says what."""
 
 
 def parse_args(argv):
@@ -53,6 +63,28 @@ class StopRequest:
         self.signum = signum
 
 
+# ---------------------------------------------------------------------------- start-up
+
+
+def check_data(cfg) -> dict:
+    """The shards' manifest, once it is known to hold what this config trains on."""
+    from t2f.data.manifest import read_manifest
+
+    try:
+        manifest = read_manifest(cfg.data.shards)
+    except (OSError, ValueError) as err:
+        raise BadInput(f"data.shards: {err}") from None
+    if not 0 <= cfg.data.max_bad_fraction <= 1:
+        raise BadInput(f"data.max_bad_fraction must be between 0 and 1, got {cfg.data.max_bad_fraction}")
+    splits = manifest.get("splits", {})
+    needed = [cfg.data.train_split] + ([cfg.data.eval_split] if cfg.train.sample_every or cfg.train.eval_every else [])
+    for split in needed:
+        if not splits.get(split, {}).get("count"):
+            raise BadInput(f"{cfg.data.shards}: split {split!r} has no samples (splits: {', '.join(splits) or 'none'}); "
+                           "rebuild the shards or set data.train_split / data.eval_split")
+    return manifest
+
+
 def make_accelerator(cfg, cpu: bool):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
@@ -71,56 +103,53 @@ def make_accelerator(cfg, cpu: bool):
 
 def build_parts(cfg, device):
     """Frozen text encoder and generator, vocabulary, and the trainable TextToFace."""
-    from t2f.data.loader import read_manifest
+    from t2f.data.manifest import read_manifest
     from t2f.data.vocab import Vocab
-    from t2f.models.generator import generator_from_config
-    from t2f.models.text_encoder import TextEncoder
-    from t2f.models.text_to_face import build_text_to_face
+    from t2f.inference import build_models
+    from t2f.models.text_encoder import TextEncoderError
+    from t2f.models.weights import CheckpointError
 
-    vocab_path = cfg.recaptioner.vocab or str(Path(cfg.data.shards) / read_manifest(cfg.data.shards)["vocab"])
-    vocab = Vocab.load(vocab_path)
-    text_encoder = TextEncoder(cfg.text.encoder, cfg.text.pooling, cfg.text.max_length, cfg.text.local_files_only, device=device)
-    generator = generator_from_config(cfg.generator, device=device).requires_grad_(False).eval()
-    model = build_text_to_face(cfg, text_encoder.dim, generator, len(vocab)).to(device)
+    try:
+        vocab = Vocab.load(cfg.recaptioner.vocab or Path(cfg.data.shards) / read_manifest(cfg.data.shards)["vocab"])
+        text_encoder, generator, model = build_models(cfg, len(vocab), device)
+    except (OSError, ValueError, CheckpointError, TextEncoderError) as err:
+        raise BadInput(str(err)) from None
     return text_encoder, generator, vocab, model
 
 
-def make_optimizer(cfg, model):
-    """Two parameter groups: the mapper (at optim.mapper_lr_scale x the rate) and the rest."""
-    o = cfg.optim
-    mapper = [p for p in model.mapping.parameters() if p.requires_grad]
-    ids = {id(p) for p in mapper}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]  # the frozen ResNet stays out
-    groups = [{"params": rest, "lr_scale": 1.0},
-              {"params": mapper, "lr_scale": o.mapper_lr_scale, "lr": o.lr * o.mapper_lr_scale}]
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    raise ValueError(f"optim.name must be 'sgd' or 'adamw', got {o.name!r}")
+@contextlib.contextmanager
+def run_directory(cfg, args, accelerator):
+    """The run directory, created only now that config, data and weights checked out."""
+    run_dir = Path(cfg.train.run_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    yield run_dir
 
 
-def set_learning_rate(cfg, optimizer, step: int) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = learning_rate(cfg, step) * group["lr_scale"]
+def bad_input(err) -> int:
+    if os.environ.get("RANK", "0") == "0":  # every rank meets the same error: say it once
+        print(f"t2f train: {' '.join(str(err).split())}", file=sys.stderr)
+    return BAD_INPUT_EXIT_CODE
 
 
-def learning_rate(cfg, step: int) -> float:
-    """Linear warm-up to optim.lr, then constant; a function of the step, so resume needs no state."""
-    warmup = cfg.optim.warmup_steps
-    return cfg.optim.lr * min(1.0, (step + 1) / warmup) if warmup > 0 else cfg.optim.lr
+# ---------------------------------------------------------------------------- the loop's helpers
 
 
-def train_batches(cfg, vocab, accelerator, epoch: int, skip: int):
-    """Endless (epoch, index, batch) stream; each epoch reshuffles; `skip` batches of the first are dropped."""
+def make_loader(cfg, vocab, accelerator):
     from t2f.data.loader import make_train_loader
 
     d = cfg.data
+    return make_train_loader(d.shards, d.train_split, batch_size=d.batch_size, resolution=d.resolution, vocab=vocab,
+                             rank=accelerator.process_index, world_size=accelerator.num_processes,
+                             num_workers=d.num_workers, seed=cfg.train.seed, resampled=d.resampled,
+                             shuffle_buffer=d.shuffle_buffer, max_tokens=d.max_caption_tokens)
+
+
+def train_batches(loader, epoch: int, skip: int):
+    """Endless (epoch, index, batch) stream over one loader; `skip` batches of the first epoch are dropped."""
     while True:
-        loader = make_train_loader(d.shards, d.train_split, batch_size=d.batch_size, resolution=d.resolution, vocab=vocab,
-                                   rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                   num_workers=d.num_workers, seed=cfg.train.seed, epoch=epoch, resampled=d.resampled,
-                                   shuffle_buffer=d.shuffle_buffer, max_tokens=d.max_caption_tokens)
+        loader.set_epoch(epoch)  # reshuffles shards, buffer and caption choice
         for index, batch in enumerate(loader):
             if index >= skip:
                 yield epoch, index, batch
@@ -133,23 +162,38 @@ def text_features(cfg, batch, text_encoder, device):
     return text_encoder.encode(batch["caption"]).to(device, torch.float32)
 
 
-def resume_state(args, cfg, accelerator) -> dict:
-    """Load the checkpoint named by --resume into the prepared objects; returns the loop state."""
+def resume_state(args, cfg, accelerator) -> tuple[dict, Path | None]:
+    """Load the checkpoint named by --resume into the prepared objects; returns the loop state and it."""
     fresh = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0}
     if args.resume == "none":
-        return fresh
+        return fresh, None
     if args.resume in ("auto", "latest"):
         ckpt = latest_checkpoint(cfg.train.run_dir)
         if ckpt is None:
             if args.resume == "latest":
-                raise SystemExit(f"--resume latest: {cfg.train.run_dir} has no checkpoint yet")
-            return fresh
+                raise BadInput(f"--resume latest: {cfg.train.run_dir} has no checkpoint yet")
+            return fresh, None
     else:
         ckpt = resolve_checkpoint(args.resume)
     accelerator.load_state(str(ckpt))
     state = {**fresh, **read_state(ckpt)}
     accelerator.print(f"[t2f] resumed from {ckpt} at step {state['step']}")
-    return state
+    return state, ckpt
+
+
+def make_ema(cfg, model, ckpt: Path | None):
+    """The text path's EMA (train.ema_decay > 0): the checkpoint's, else a copy of the current weights."""
+    from t2f.inference import EMA_WEIGHTS
+    from t2f.trainer.ema import TextPathEMA
+
+    if cfg.train.ema_decay <= 0:
+        return None
+    ema = TextPathEMA(model, cfg.train.ema_decay)
+    if ckpt is not None and (ckpt / EMA_WEIGHTS).is_file():
+        ema.load(ckpt / EMA_WEIGHTS)
+    elif ckpt is not None:  # resumed from a run that kept none: the average starts here
+        print(f"[t2f] {ckpt} has no {EMA_WEIGHTS}; the EMA starts from the resumed weights", file=sys.stderr)
+    return ema
 
 
 def agree(accelerator, *flags: float) -> list[bool]:
@@ -158,34 +202,41 @@ def agree(accelerator, *flags: float) -> list[bool]:
     return [bool(v > 0) for v in accelerator.reduce(local, reduction="sum").tolist()]
 
 
-def write_samples(cfg, accelerator, monitor, step, model, generator, text_encoder, vocab, captions):
+@contextlib.contextmanager
+def generation_pipeline(cfg, accelerator, model, ema, generator, text_encoder, vocab):
+    """The one generation path (t2f.inference.Pipeline) over the live model, in eval mode.
+
+    With an EMA the pipeline draws with the averaged text path, as `t2f generate` does from the
+    checkpoint, so a sample grid at step N is what `t2f generate --seed train.seed` gives.
+    """
+    from t2f.inference import Pipeline
+
+    net = accelerator.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    try:
+        yield Pipeline.from_parts(cfg, ema.as_model(net) if ema else net, generator, text_encoder, vocab)
+    finally:
+        net.train(was_training)
+
+
+def write_samples(cfg, monitor, step, pipeline, captions):
     from t2f.visual import caption_grid
 
     per = cfg.train.samples_per_caption
-    net = accelerator.unwrap_model(model)
-    with torch.no_grad():
-        s = text_encoder.encode(captions).float().repeat_interleave(per, 0)  # (N*per, S)
-        ws, *_ = net.latents(s, generator=torch.Generator(s.device).manual_seed(cfg.train.seed))
-        images = generator.synthesis(ws.float(), noise_mode="const", force_fp32=s.device.type != "cuda")
-        decoded = [vocab.decode(ids) for ids in net.recaptioner.greedy(images, max_len=cfg.data.max_caption_tokens)]
+    images = pipeline.generate(captions, n=per, seed=cfg.train.seed, truncation_psi=cfg.generator.truncation_psi)
+    decoded = pipeline.read_back(images)
     grid = caption_grid(images.cpu(), captions, per_row=per, subcaptions=decoded)
     monitor.log_samples(step, grid, captions, decoded)
 
 
-def periodic_eval(cfg, accelerator, monitor, step, model, generator, text_encoder, vocab, hooks):
+def periodic_eval(cfg, monitor, step, pipeline, hooks):
     """`t2f eval`'s code on `eval.subset` test images; every rank takes part, rank 0 logs `eval/`."""
     from t2f.eval.evaluate import evaluate
-    from t2f.inference import Pipeline
 
-    pipeline = Pipeline.from_parts(cfg, accelerator.unwrap_model(model), generator, text_encoder, vocab)
     out = Path(cfg.train.run_dir) / "eval" / f"step-{step:08d}.json"
-    was_training = model.training
-    model.eval()
-    try:
-        return evaluate(pipeline, max_images=cfg.eval.subset, step=step, out_path=out, hooks=hooks, skip_missing=True,
-                        log_fn=lambda scalars, s: monitor.log(s, scalars, prefix=""), progress=False)
-    finally:
-        model.train(was_training)
+    return evaluate(pipeline, max_images=cfg.eval.subset, step=step, out_path=out, hooks=hooks, skip_missing=True,
+                    log_fn=lambda scalars, s: monitor.log(s, scalars, prefix=""), progress=False)
 
 
 def sample_captions(cfg, vocab, count: int) -> list[str]:
@@ -195,52 +246,69 @@ def sample_captions(cfg, vocab, count: int) -> list[str]:
     return list(next(iter(loader))["caption"])[:count]
 
 
+# ---------------------------------------------------------------------------- main
+
+
 def main(argv=None) -> int:
+    stop = StopRequest()  # first: a preemption signal during start-up must not be lost
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(args.config, args.overrides)
-    run_dir = Path(cfg.train.run_dir)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_data(cfg)
+    except (ConfigError, BadInput) as err:
+        return bad_input(err)
     accelerator = make_accelerator(cfg, cpu=args.cpu)
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed, device_specific=True)  # CA noise and dropout differ per rank
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    device = accelerator.device
-    text_encoder, generator, vocab, model = build_parts(cfg, device)
+    try:
+        parts = build_parts(cfg, accelerator.device)
+        with run_directory(cfg, args, accelerator) as run_dir:
+            return train(cfg, args, accelerator, run_dir, parts, stop)
+    except BadInput as err:
+        return bad_input(err)
+    except DataFaultError as err:  # every rank says it: each names its own bad shards
+        print(f"t2f train: {err}", file=sys.stderr)
+        return BAD_INPUT_EXIT_CODE
+
+
+def train(cfg, args, accelerator, run_dir, parts, stop) -> int:
+    from t2f.trainer.loss import TrainingLoss
+
+    text_encoder, generator, vocab, model = parts
     optimizer = make_optimizer(cfg, model)
     _configure_deepspeed(accelerator, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = resume_state(args, cfg, accelerator)
+    state, resumed_from = resume_state(args, cfg, accelerator)
+    ema = make_ema(cfg, accelerator.unwrap_model(model), resumed_from)
     wandb_on = init_tracking(accelerator, cfg, run_dir) not in ("disabled",)
     monitor = Monitor(accelerator, run_dir, cfg.train.steps, state["step"], wandb_on)
     captions = sample_captions(cfg, vocab, cfg.train.sample_captions) if cfg.train.sample_every else []
-    stop = StopRequest()
-    eval_hooks = None
-    if cfg.train.eval_every:
-        from t2f.eval.hooks import EvalHooks
-
-        eval_hooks = EvalHooks()  # filled on first use: Inception/LPIPS load once per run
-    force_fp32 = device.type != "cuda"  # fp16 synthesis layers only where fp16 is fast
-    bad_in_row, tic, seen = 0, time.perf_counter(), 0
+    eval_hooks = _eval_hooks(cfg)
+    loss_fn, device = TrainingLoss(cfg.loss), accelerator.device
+    bad_in_row, tic, seen, grad_norm = 0, time.perf_counter(), 0, math.nan
+    accounting = DataAccounting(cfg.data.max_bad_fraction)  # corrupt/lost samples of every worker and epoch
 
     def checkpoint():
         save_checkpoint(accelerator, run_dir, state["step"], model, cfg, vocab, dict(state), cfg.train.keep_last)
 
-    stream = train_batches(cfg, vocab, accelerator, state["epoch"], state["batch_in_epoch"])
+    batches = train_batches(make_loader(cfg, vocab, accelerator), state["epoch"], state["batch_in_epoch"])
     while state["step"] < cfg.train.steps:
-        epoch, index, batch = next(stream)
-        joint = state["step"] >= cfg.train.recaptioner_warmup_steps
+        epoch, index, batch = next(batches)
+        accounting.update(batch, check=False)  # the ranks agree below, so they stop together
+        set_learning_rate(cfg, optimizer, state["step"])  # before backward: DeepSpeed steps inside it
         with accelerator.accumulate(model):
             s = text_features(cfg, batch, text_encoder, device)
             with accelerator.autocast():
-                loss, logs = model(s, batch["tokens"].to(device), batch["image"].to(device), generator.synthesis,
-                                   cfg.loss, joint=joint, force_fp32=force_fp32)
-            bad, stopping = agree(accelerator, float(not torch.isfinite(loss)), float(stop.signum != 0))
+                loss, logs = loss_fn(model, s, batch["tokens"].to(device), batch["image"].to(device),
+                                     joint=is_joint(cfg, state["step"]))
+            bad, stopping, data_fault = agree(accelerator, float(not torch.isfinite(loss)), float(stop.signum != 0),
+                                              float(accounting.exceeded()))
+            if data_fault:
+                raise accounting.error()
             if not bad:
                 accelerator.backward(loss)
                 grad_norm = _clip(accelerator, model, cfg)
-                set_learning_rate(cfg, optimizer, state["step"])
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         state.update(epoch=epoch, batch_in_epoch=index + 1)
@@ -256,22 +324,29 @@ def main(argv=None) -> int:
                                    f"{run_dir / 'metrics.jsonl'}; lower optim.lr, check the data, or train.mixed_precision=no")
             continue
         bad_in_row = 0
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model))
         state["step"] += 1
         step = state["step"]
-        monitor.step(step, {"loss": loss.item(), **{k: float(v) for k, v in logs.items()}})
+        monitor.step(step)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             elapsed, tic = time.perf_counter() - tic, time.perf_counter()
-            scalars = {"loss": loss.detach(), **logs, "lr": learning_rate(cfg, step - 1), "grad_norm": grad_norm,
+            scalars = {"loss": loss, **logs, "lr": learning_rate(cfg, step - 1), "grad_norm": grad_norm,
                        "samples_per_s": seen / elapsed, "epoch": epoch}
+            faults = accounting.totals()  # each rank counts its own shards: log the sum
+            scalars.update(zip(faults, accelerator.reduce(torch.tensor(list(faults.values()), device=device), "sum")))
             if torch.cuda.is_available():
                 scalars["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            monitor.log(step, {k: float(v) for k, v in scalars.items()})
+            monitor.log(step, {k: float(v) for k, v in scalars.items()})  # the only GPU sync of a step
             seen = 0
-        if cfg.train.sample_every and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
-            if accelerator.is_main_process:
-                write_samples(cfg, accelerator, monitor, step, model, generator, text_encoder, vocab, captions)
-        if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-            periodic_eval(cfg, accelerator, monitor, step, model, generator, text_encoder, vocab, eval_hooks)
+        sample_now = cfg.train.sample_every and (step % cfg.train.sample_every == 0 or step == cfg.train.steps)
+        eval_now = cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps)
+        if sample_now or eval_now:
+            with generation_pipeline(cfg, accelerator, model, ema, generator, text_encoder, vocab) as pipeline:
+                if sample_now and accelerator.is_main_process:
+                    write_samples(cfg, monitor, step, pipeline, captions)
+                if eval_now:
+                    periodic_eval(cfg, monitor, step, pipeline, eval_hooks)
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stopping:
             checkpoint()
         if stopping:
@@ -280,10 +355,19 @@ def main(argv=None) -> int:
     return _finish(accelerator, monitor, 0)
 
 
+def _eval_hooks(cfg):
+    if not cfg.train.eval_every:
+        return None
+    from t2f.eval.hooks import EvalHooks
+
+    return EvalHooks()  # filled on first use: Inception/LPIPS load once per run
+
+
 def _clip(accelerator, model, cfg):
+    """The gradient norm before clipping, as a tensor (read only at log steps: it syncs the GPU)."""
     if cfg.optim.grad_clip > 0 and accelerator.sync_gradients:
         norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        return float(norm) if norm is not None else math.nan
+        return norm if norm is not None else math.nan
     return math.nan
 
 

@@ -2,6 +2,7 @@
 stay frozen, the recaptioner learns only from real pairs, a preempted or crashed run resumes
 to exactly the weights of an uninterrupted one, and the run is readable without W&B."""
 
+import copy
 import json
 import os
 import signal
@@ -13,6 +14,8 @@ from safetensors.torch import load_file
 from t2f import train
 from t2f.checkpointing import WEIGHTS, latest_checkpoint
 from t2f.config import load_config
+from t2f.trainer.loss import TrainingLoss
+from t2f.trainer.optim import is_joint, make_optimizer, set_learning_rate
 from tiny import tiny_overrides
 
 
@@ -51,10 +54,10 @@ def _parts(tmp_path, overrides):
 def test_loss_decreases_on_a_fixed_batch_and_the_generator_stays_frozen(tiny, tmp_path):
     cfg, s, batch, generator, model = _parts(tmp_path, tiny("run", 4, "optim.lr=5e-3"))
     frozen_before = {k: v.clone() for k, v in generator.state_dict().items()}
-    optimizer = train.make_optimizer(cfg, model)
+    optimizer = make_optimizer(cfg, model)
     losses = []
     for _ in range(30):
-        loss, _ = model(s, batch["tokens"], batch["image"], generator.synthesis, cfg.loss, force_fp32=True)
+        loss, _ = TrainingLoss(cfg.loss)(model, s, batch["tokens"], batch["image"])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -68,9 +71,9 @@ def _mapper_step(tmp_path, overrides):
     """How far one AdamW step moves the mapper's and the CA head's weights (mean |change|)."""
     cfg, s, batch, generator, model = _parts(tmp_path, overrides)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = train.make_optimizer(cfg, model)
-    train.set_learning_rate(cfg, optimizer, step=10_000)  # past any warm-up
-    loss, _ = model(s, batch["tokens"], batch["image"], generator.synthesis, cfg.loss, force_fp32=True)
+    optimizer = make_optimizer(cfg, model)
+    set_learning_rate(cfg, optimizer, step=10_000)  # past any warm-up
+    loss, _ = TrainingLoss(cfg.loss)(model, s, batch["tokens"], batch["image"])
     loss.backward()
     optimizer.step()
     after = model.state_dict()
@@ -117,11 +120,11 @@ def test_generated_image_loss_never_updates_the_recaptioner(tiny, tmp_path):
     # In the full step the recaptioner's gradient is exactly that of its real-pair loss.
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)
-    total, _ = model(s, batch["tokens"], batch["image"], generator.synthesis, cfg.loss, force_fp32=True)
+    total, _ = TrainingLoss(cfg.loss)(model, s, batch["tokens"], batch["image"])
     total.backward()
     joint = {n: p.grad.clone() for n, p in model.recaptioner.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    real, _ = model(s, batch["tokens"], batch["image"], generator.synthesis, cfg.loss, joint=False, force_fp32=True)
+    real, _ = TrainingLoss(cfg.loss)(model, s, batch["tokens"], batch["image"], joint=False)
     real.backward()
     for name, p in model.recaptioner.named_parameters():
         if name in joint:
@@ -133,8 +136,8 @@ def test_preempted_run_resumes_to_the_same_weights(tiny, tmp_path, monkeypatch):
 
     original_step = train.Monitor.step
 
-    def preempt_at_3(self, step, scalars=None):
-        original_step(self, step, scalars)
+    def preempt_at_3(self, step):
+        original_step(self, step)
         if step == 3:
             os.kill(os.getpid(), signal.SIGUSR1)  # what Slurm sends before it preempts
 
@@ -209,3 +212,47 @@ def test_periodic_evaluation_logs_eval_metrics(tiny, tmp_path):
     evals = [r for r in records if any(k.startswith("eval/") for k in r)]
     assert len(evals) == 1 and evals[0]["step"] == 2 and "eval/bleu4" in evals[0], evals
     assert (tmp_path / "ev" / "eval" / "step-00000002.json").is_file()
+
+
+def _text_path(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(("ca.", "mapping."))}
+
+
+def _train_steps(cfg, model, optimizer, s, batch, steps):
+    """The trainer's order of calls: rate first (DeepSpeed steps inside backward), then the step."""
+    for step in steps:
+        set_learning_rate(cfg, optimizer, step)
+        torch.manual_seed(step)  # the same CA noise for the same step, whatever ran before
+        loss, _ = TrainingLoss(cfg.loss)(model, s, batch["tokens"], batch["image"], joint=is_joint(cfg, step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("optim", [["optim.name=sgd", "optim.momentum=0.9"], ["optim.name=adamw"]])
+def test_recaptioner_warm_up_leaves_the_text_path_exactly_untouched(tiny, tmp_path, optim):
+    overrides = tiny("run", 4, *optim, "optim.lr=1e-2", "optim.weight_decay=0.1", "optim.grad_clip=0",
+                     "train.recaptioner_warmup_steps=3")
+    cfg, s, batch, generator, model = _parts(tmp_path, overrides)
+    before = _text_path(model)
+    optimizer = make_optimizer(cfg, model)
+    _train_steps(cfg, model, optimizer, s, batch, range(3))  # warm-up: the recaptioner alone
+    for key, value in _text_path(model).items():
+        assert torch.equal(value, before[key]), f"warm-up moved {key}"  # no momentum, decay or Adam drift
+
+    fresh = copy.deepcopy(model)  # same weights, an optimiser that has never stepped
+    _train_steps(cfg, model, optimizer, s, batch, [3])
+    _train_steps(cfg, fresh, make_optimizer(cfg, fresh), s, batch, [3])
+    moved = _text_path(model)
+    assert any(not torch.equal(moved[k], before[k]) for k in moved)  # the joint step does train the text path
+    for key, value in _text_path(fresh).items():
+        torch.testing.assert_close(moved[key], value, rtol=0, atol=0, msg=f"first joint update of {key} is not a fresh optimiser's")
+
+
+def test_training_renders_with_the_configured_noise_mode(tiny, tmp_path):
+    cfg, s, batch, generator, model = _parts(tmp_path, tiny("run", 4, "generator.noise_mode=random"))
+    seen = []
+    generator.synthesis.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs["noise_mode"]),
+                                                  with_kwargs=True)
+    TrainingLoss(cfg.loss)(model, s, batch["tokens"], batch["image"])
+    assert seen == ["random"]

@@ -10,15 +10,24 @@
             batch["tokens"]    # (B, T) long: <bos> words <eos> <pad>...  for the recaptioner
             batch["caption"]   # list[str], one caption per image, re-drawn every epoch
             # "text_features" (B, D) float32 when the shards store them, "attributes" (B, A) in {0, 1}
-            # when the dataset has labels, "key" list[str]; eval batches add "all_captions".
+            # when the dataset has labels, "key" list[str]; eval batches add "all_captions";
+            # "faults": this worker's data faults since its previous batch (for DataAccounting)
 
 The pipeline is one explicit list of stages (see `stages` in the two `make_*` functions):
 shard urls from the manifest -> resampled shards, or shuffled by (seed, epoch) then split by node
 then by worker -> tar to samples (a worker cycles its own shards in training) -> shuffle buffer
 seeded by (seed, epoch, rank, worker) -> decode to [-1, 1] -> pick one caption -> tokenise ->
-batch. Corrupt samples and unreadable tar data are skipped, counted in `loader.corrupt_skipped`
-and warned about; they never stop a run (only a training stream that is corrupt through and
-through does, rather than spin). Rank and world size are explicit arguments, not torch.distributed globals.
+batch. Rank and world size are explicit arguments, not torch.distributed globals.
+
+Data faults are skipped, counted and warned about, never fatal inside the loader (only a training
+stream that is corrupt through and through stops, after MAX_CONSECUTIVE_CORRUPT, rather than spin):
+a *corrupt* sample came out of the tar whole but does not decode; a *lost* sample is one the
+manifest promised that did not come out whole (the file ends early, or a member is missing), so a
+shard that is cut short reports its name and exactly how many samples it lost, once per read.
+Each batch carries its worker's counts in `batch["faults"]`, so they add up across DataLoader
+worker processes and epochs in `loader.corrupt_skipped`, `loader.samples_lost`, `loader.bad_shards`.
+The trainer keeps its own `DataAccounting` (see there) that logs the totals and stops the run with
+a `DataFaultError` naming the bad shards once they pass `data.max_bad_fraction` of the samples read.
 
 Why the loader is not passed to `accelerator.prepare`: it is already split by rank here, and
 prepare would split it a second time (each rank would see 1/world_size of its own share). In
@@ -42,16 +51,79 @@ import webdataset as wds
 
 from t2f.data.manifest import read_manifest
 
-__all__ = ["make_train_loader", "make_eval_loader", "read_manifest", "ShardLoader"]
+__all__ = ["make_train_loader", "make_eval_loader", "read_manifest", "ShardLoader", "DataAccounting",
+           "DataFaultError"]
 MAX_CONSECUTIVE_CORRUPT = 1000  # in training a stream that is all corrupt would otherwise spin forever
+MIN_JUDGED_SAMPLES = 1000  # DataAccounting judges the bad fraction over at least this many samples
+
+
+class DataFaultError(RuntimeError):
+    """Too many corrupt or lost samples; the message lists the bad shards and the fix."""
+
+
+class DataAccounting:
+    """Run-long totals of the data faults carried by a loader's batches, from every worker and epoch.
+
+        accounting = DataAccounting(cfg.data.max_bad_fraction)   # once per run
+        accounting.update(batch)                                 # every batch; may raise DataFaultError
+        monitor.log(step, accounting.totals())                   # corrupt_skipped, samples_lost
+
+    It stops once bad (corrupt + lost) samples pass `max_bad_fraction` of those read (whole or lost),
+    the fraction taken over at least `min_samples`: one bad sample in the first 10 is no reason to
+    stop, while a stream that is all bad still stops within ~max_bad_fraction * min_samples samples
+    (10 by default). None never stops; 0 stops at the first bad one. Counts are per process: with
+    several ranks, reduce `totals()` to log them and agree on `exceeded()` before raising `error()`.
+    """
+
+    def __init__(self, max_bad_fraction: float | None = None, min_samples: int = MIN_JUDGED_SAMPLES):
+        if max_bad_fraction is not None and not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"data.max_bad_fraction must be between 0 and 1, got {max_bad_fraction}")
+        self.max_bad_fraction, self.min_samples = max_bad_fraction, min_samples
+        self.read = self.corrupt = self.lost = 0
+        self.shards = {}  # shard path -> [lost, corrupt, reads that came short]
+
+    def update(self, batch: dict, check: bool = True) -> None:
+        """Add the batch's faults; past the limit raise DataFaultError (unless check=False)."""
+        faults = batch.get("faults") or {}
+        self.read += faults.get("read", 0)
+        self.corrupt += faults.get("corrupt", 0)
+        self.lost += faults.get("lost", 0)
+        for path, counts in faults.get("shards", {}).items():
+            self.shards[path] = [a + b for a, b in zip(self.shards.get(path, [0, 0, 0]), counts)]
+        if check and self.exceeded():
+            raise self.error()
+
+    def totals(self) -> dict:
+        return {"corrupt_skipped": self.corrupt, "samples_lost": self.lost}
+
+    def exceeded(self) -> bool:
+        bad, seen = self.corrupt + self.lost, self.read + self.lost
+        return self.max_bad_fraction is not None and bad > self.max_bad_fraction * max(seen, self.min_samples)
+
+    def error(self) -> DataFaultError:
+        """The error to stop with; also for a rank whose own data is fine when another rank's is not."""
+        worst = sorted(self.shards.items(), key=lambda item: -sum(item[1][:2]))
+        listed = ", ".join(f"{Path(p).name} ({_fault_words(*counts)})" for p, counts in worst[:10])
+        listed += f" and {len(worst) - 10} more" if len(worst) > 10 else ""
+        folders = " ".join(sorted({str(Path(p).parent) for p in self.shards})) or "SHARDS"
+        where = "passed" if self.exceeded() else "passed on another rank"
+        return DataFaultError(
+            f"data.max_bad_fraction={self.max_bad_fraction} {where}: {self.corrupt + self.lost} of "
+            f"{self.read + self.lost} samples read here are bad ({_fault_words(self.lost, self.corrupt)}); bad shards: "
+            f"{listed or 'none here'}; fix: `t2f shards verify {folders}` and rebuild the shards it names")
+
+
+def _fault_words(lost: int, corrupt: int, short_reads: int = 1) -> str:
+    lost_words = f"lost over {short_reads} reads" if short_reads > 1 else "lost"
+    return ", ".join(f"{n} {word}" for n, word in ((lost, lost_words), (corrupt, "corrupt")) if n) or "0 bad"
 
 
 class ShardLoader:
-    """Iterates a DataLoader over a WebDataset pipeline; adds epoch control and the corrupt count."""
+    """Iterates a DataLoader over a WebDataset pipeline; adds epoch control and the fault counts."""
 
     def __init__(self, pipeline, num_workers: int, num_batches: int, state: dict):
         self.batches_per_epoch = num_batches
-        self.corrupt_skipped = 0
+        self.faults = DataAccounting()  # never stops: the trainer's own DataAccounting does
         self._state = state
         # Own generator: creating an iterator draws a base seed, which would otherwise advance the
         # global torch RNG and make a resumed run's CA noise differ from an uninterrupted one.
@@ -66,10 +138,27 @@ class ShardLoader:
     def __len__(self) -> int:
         return self.batches_per_epoch
 
+    @property
+    def corrupt_skipped(self) -> int:
+        return self.faults.corrupt
+
+    @property
+    def samples_lost(self) -> int:
+        return self.faults.lost
+
+    @property
+    def bad_shards(self) -> dict:
+        """{shard path: {"lost": n, "corrupt": n, "short_reads": n}} summed over all workers and epochs so far."""
+        return {path: dict(zip(("lost", "corrupt", "short_reads"), counts)) for path, counts in self.faults.shards.items()}
+
     def __iter__(self):
         for batch in self._loader:
-            self.corrupt_skipped += int(batch.pop("_corrupt", 0))
-            if "image" in batch:  # a batch of only "_corrupt" reports skips at the end of a stream
+            for path, (lost, _, reads) in batch["faults"]["shards"].items():  # warned here: once per shard, not per worker
+                if lost and not self.faults.shards.get(path, [0])[0]:
+                    warnings.warn(f"shard {path} is cut short or damaged: {lost // reads} samples lost each time it is "
+                                  f"read; check the shards with `t2f shards verify {Path(path).parent}`")
+            self.faults.update(batch)
+            if "image" in batch:  # a batch of only "faults" reports them at the end of a stream
                 yield batch
 
 
@@ -77,19 +166,20 @@ def make_train_loader(shards_dir, split, *, batch_size, resolution, vocab, rank=
                       seed=0, epoch=0, resampled=False, shuffle_buffer=1000, max_tokens=50) -> ShardLoader:
     """Shuffled training batches of exactly `batch_size`, the same number on every rank."""
     manifest, urls, total = _split_shards(shards_dir, split)
+    read = _shard_reader(shards_dir, manifest, split)
     readers = world_size * max(1, num_workers)
     if not resampled and len(urls) < readers:
         raise ValueError(f"split {split!r} in {shards_dir} has {len(urls)} shards, but {world_size} rank(s) x "
                          f"{max(1, num_workers)} worker(s) need at least {readers} (one each); rebuild with a smaller "
                          "--shard-size, use fewer data.num_workers, or set data.resampled=true")
-    state, counter = {"epoch": int(epoch)}, _CorruptCounter(limit=MAX_CONSECUTIVE_CORRUPT)
+    state, counter = {"epoch": int(epoch)}, _FaultCounter(limit=MAX_CONSECUTIVE_CORRUPT)
     if resampled:
         shards = [partial(_resampled_urls, urls, seed, state, rank)]
     else:
         shards = [partial(_url_list, urls, seed, state), partial(_split_by_node, rank=rank, world_size=world_size),
                   _split_by_worker]
     stages = shards + [
-        partial(_read_shards, counter=counter, cycle=not resampled, seed=seed, state=state, rank=rank),
+        partial(_read_shards, read=read, counter=counter, cycle=not resampled, seed=seed, state=state, rank=rank),
         partial(_shuffle, bufsize=shuffle_buffer, seed=seed, state=state, rank=rank),
         partial(_decode, resolution=resolution, counter=counter, features=manifest["text_encoder"] is not None),
         partial(_pick_caption, vocab=vocab, max_tokens=max_tokens, seed=seed, state=state, train=True),
@@ -105,12 +195,13 @@ def make_eval_loader(shards_dir, split, *, batch_size, resolution, vocab, rank=0
                      max_tokens=50) -> ShardLoader:
     """Every sample exactly once across ranks, in a fixed order, first caption, partial last batch."""
     manifest, urls, _ = _split_shards(shards_dir, split)
-    state, counter = {"epoch": 0}, _CorruptCounter(limit=None)
+    read = _shard_reader(shards_dir, manifest, split)
+    state, counter = {"epoch": 0}, _FaultCounter(limit=None)
     stages = [
         partial(_url_list, urls, None, state),
         partial(_split_by_node, rank=rank, world_size=world_size),
         _split_by_worker,
-        partial(_read_shards, counter=counter, cycle=False, seed=0, state=state, rank=rank),
+        partial(_read_shards, read=read, counter=counter, cycle=False, seed=0, state=state, rank=rank),
         partial(_decode, resolution=resolution, counter=counter, features=manifest["text_encoder"] is not None),
         partial(_pick_caption, vocab=vocab, max_tokens=max_tokens, seed=0, state=state, train=False),
         partial(_batch, batch_size=batch_size, vocab=vocab, attribute_names=manifest["attributes"], counter=counter,
@@ -146,6 +237,13 @@ def _split_shards(shards_dir, split):
     return manifest, urls, total
 
 
+def _shard_reader(shards_dir, manifest, split):
+    """_read_shard with each shard's sample count and the members every sample has (t2f/data/writer.py)."""
+    counts = {str(Path(shards_dir) / e["name"]): e["count"] for e in manifest["splits"][split]["shards"]}
+    required = {"json", manifest.get("image_format") or "png"} | ({"text.npy"} if manifest["text_encoder"] else set())
+    return partial(_read_shard, counts=counts, required=frozenset(required))
+
+
 def _worker_id():
     info = torch.utils.data.get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
@@ -179,22 +277,36 @@ def _split_by_worker(src):
     yield from itertools.islice(src, worker, None, workers)
 
 
-def _read_shards(src, counter, cycle, seed, state, rank):
-    """Tar members grouped into samples. In training a worker cycles its own shards (reshuffled
+def _read_shards(src, read, counter, cycle, seed, state, rank):
+    """Samples of one shard after another. In training a worker cycles its own shards (reshuffled
     each pass) until `with_epoch` ends the epoch, so a worker with few samples never runs short."""
     if not cycle:  # eval, or resampled urls (an endless stream already)
-        yield from wds.tarfile_samples(src, handler=counter.tar_error)
+        for item in src:
+            yield from read(item["url"], counter)
         return
     urls = [item["url"] for item in src]
     rng = _rng(seed, state["epoch"], rank, *_worker_id(), "cycle")
     while True:
         found = 0
-        for sample in wds.tarfile_samples([{"url": u} for u in urls], handler=counter.tar_error):
-            found += 1
-            yield sample
+        for url in urls:
+            for sample in read(url, counter):
+                found += 1
+                yield sample
         if found == 0:
             raise RuntimeError(f"no readable sample in shards {urls}; check them with `t2f shards verify`")
         rng.shuffle(urls)
+
+
+def _read_shard(url, counter, counts, required):
+    """A shard's samples that came out of the tar whole; the rest of its manifest count is lost.
+    (A tar cut short ends quietly, or with one error, mid-sample: only the count tells.)"""
+    whole = 0  # unreadable data ends the shard or skips a member; the count below tells what it cost
+    for sample in wds.tarfile_samples([{"url": url}], handler=wds.ignore_and_continue):
+        if required <= sample.keys():
+            whole += 1
+            counter.read += 1
+            yield sample
+    counter.lose(url, counts[url] - whole)  # not reached when with_epoch stops mid-shard: nothing lost
 
 
 def _shuffle(src, bufsize, seed, state, rank):
@@ -215,28 +327,32 @@ def _shuffle(src, bufsize, seed, state, rank):
 # ---------------------------------------------------------------------------- sample stages
 
 
-class _CorruptCounter:
-    """Per worker: corrupt samples since the last batch (reported to the main process in it)."""
+class _FaultCounter:
+    """Per worker: samples read, corrupt and lost since its last batch, which carries them to the
+    main process (workers are separate processes, restarted every epoch)."""
 
     def __init__(self, limit):
-        self.pending, self.consecutive, self.limit = 0, 0, limit
+        self.consecutive, self.limit = 0, limit
+        self.read, self.corrupt, self.lost, self.shards = 0, 0, 0, {}  # shards: url -> [lost, corrupt, short reads]
 
     def skip(self, sample, err) -> None:
-        self.pending += 1
+        self.corrupt += 1
+        self.shards.setdefault(sample.get("__url__"), [0, 0, 0])[1] += 1
         self.consecutive += 1
         warnings.warn(f"skipping corrupt sample {sample.get('__key__')} in {sample.get('__url__')}: {err!r}")
         if self.limit and self.consecutive >= self.limit:
             raise RuntimeError(f"the last {self.limit} samples were all corrupt; check the shards with `t2f shards verify`")
 
-    def tar_error(self, exn) -> bool:
-        """WebDataset handler for unreadable tar data: count, warn, go on with the next member or shard."""
-        self.pending += 1
-        warnings.warn(f"skipping unreadable shard data: {exn!r}")
-        return True
+    def lose(self, url, lost: int) -> None:
+        if lost > 0:
+            self.lost += lost
+            tally = self.shards.setdefault(url, [0, 0, 0])
+            tally[0], tally[2] = tally[0] + lost, tally[2] + 1
 
-    def take(self) -> int:
-        count, self.pending = self.pending, 0
-        return count
+    def take(self) -> dict:
+        faults = {"read": self.read, "corrupt": self.corrupt, "lost": self.lost, "shards": self.shards}
+        self.read, self.corrupt, self.lost, self.shards = 0, 0, 0, {}
+        return faults
 
 
 def _decode(src, resolution, counter, features):
@@ -293,8 +409,8 @@ def _batch(src, batch_size, vocab, attribute_names, counter, keep_partial):
             group = []
     if group and keep_partial:
         yield _collate(group, vocab, attribute_names, counter, keep_partial)
-    elif counter.pending:
-        yield {"_corrupt": counter.take()}
+    elif counter.read or counter.corrupt or counter.lost:
+        yield {"faults": counter.take()}
 
 
 def _collate(group, vocab, attribute_names, counter, eval_mode) -> dict:
@@ -302,7 +418,7 @@ def _collate(group, vocab, attribute_names, counter, eval_mode) -> dict:
     batch = {"image": torch.stack([s["image"] for s in group]).float().div_(127.5).sub_(1.0),  # (B, 3, H, W)
              "caption": [s["caption"] for s in group],
              "tokens": vocab.pad_batch([s["tokens"] for s in group]),  # (B, T)
-             "key": [s["key"] for s in group], "_corrupt": counter.take()}
+             "key": [s["key"] for s in group], "faults": counter.take()}
     if all("features" in s for s in group):
         batch["text_features"] = torch.from_numpy(np.stack([s["features"] for s in group]).astype(np.float32))  # (B, D)
     if attribute_names and all(s["attributes"] for s in group):

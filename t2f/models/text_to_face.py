@@ -1,17 +1,17 @@
 """The trainable part of t2f in one module: CA head + mapper + recaptioner.
 
-One `nn.Module` so that DDP wraps it once and DeepSpeed builds one engine. The frozen parts
-(text encoder, synthesis network) are passed to `forward` as arguments, never owned, so they
-are never prepared, never saved with the trainable weights and never receive gradients.
+One `nn.Module` so that DDP wraps it once and DeepSpeed builds one engine. The frozen synthesis
+network is held as a reference set once (`use_synthesis`), never as a submodule: it is never
+prepared, never saved with the trainable weights and never receives gradients.
 
-`forward` computes every loss of one step:
-- the recaptioner's own loss on the real (image, caption) pair: the only signal that updates
-  the recaptioner (METHOD.md: it must learn to read real faces, or it could agree with the
-  mapper on a private code);
-- the text-reconstruction loss of the caption read back from the *generated* image: its
-  gradient flows through a parameter-detached copy of the recaptioner and the frozen
-  generator into the mapper and the CA head only;
-- the KL term of the CA head, and the optional w-space regulariser.
+`forward` is the network of one training step, with no loss in it (the losses live in
+t2f/trainer/loss.py):
+- the recaptioner reads the real (image, caption) pair: the only signal that updates it
+  (METHOD.md: it must learn to read real faces, or it could agree with the mapper on a
+  private code);
+- in the joint phase, the caption's features go CA -> z -> mapper -> w -> frozen synthesis ->
+  face, and a parameter-detached copy of the recaptioner reads the face, so the reading's
+  gradient reaches the mapper and the CA head only.
 """
 
 import contextlib
@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from t2f.losses import kl_divergence, text_reconstruction_loss
 from t2f.models.ca import ConditioningAugmentation
 from t2f.models.recaptioner import Recaptioner
 
@@ -32,9 +31,21 @@ class TextToFace(nn.Module):
         self.ca = ConditioningAugmentation(text_dim, mapping.z_dim)
         self.mapping = mapping  # initialised from the pretrained generator's own mapping network
         self.recaptioner = recaptioner
-        # A frozen copy of the pretrained mapping for the optional w regulariser; a plain attribute
-        # (not a submodule) so it is neither trained nor saved nor wrapped by DDP.
+        # Plain attributes (not submodules): neither trained nor saved nor wrapped by DDP.
+        self._synthesis, self._noise_mode = [], "const"
+        # A frozen copy of the pretrained mapping for the optional w regulariser.
         self._reference_mapping = [copy.deepcopy(mapping).requires_grad_(False).eval()] if keep_reference_mapping else []
+
+    def use_synthesis(self, synthesis: nn.Module, noise_mode: str = "const") -> "TextToFace":
+        """The frozen synthesis network the joint phase renders with (set once, before training)."""
+        self._synthesis, self._noise_mode = [synthesis], noise_mode
+        return self
+
+    def with_text_path(self, ca: nn.Module, mapping: nn.Module) -> "TextToFace":
+        """A view of this model with another CA head and mapper (an EMA), sharing the recaptioner."""
+        view = copy.copy(self)
+        view._modules = dict(self._modules, ca=ca, mapping=mapping)
+        return view
 
     def _apply(self, fn, recurse=True):
         # model.to(device) / .half() reach the plain-attribute reference too, once, at start-up
@@ -58,31 +69,24 @@ class TextToFace(nn.Module):
         with _batch_norm_in_eval_mode(self.recaptioner):
             return functional_call(self.recaptioner, frozen, (images, tokens))
 
-    def forward(self, text_features, tokens, real_images, synthesis, loss_cfg, joint=True, noise_mode="const",
-                force_fp32=False):
-        """All losses of one training step; returns (total, logs) with detached scalars in logs."""
-        targets = tokens[:, 1:]  # (B, T-1)
-        logits, alphas = self.recaptioner(real_images, tokens)
-        real_loss, real_parts = text_reconstruction_loss(logits, targets, alphas, loss_cfg.attention_weight)
-        logs = {"recaptioner": real_loss.detach(), "recaptioner_ce": real_parts["ce"]}
-        if not joint:
-            # Warm-up: only the recaptioner learns. The zero term keeps every parameter in the graph
-            # so DDP's reducer sees the same parameter set every step (no find_unused_parameters).
-            idle = sum(p.sum() for p in (*self.ca.parameters(), *self.mapping.parameters())) * 0.0
-            return real_loss + idle, logs
+    def forward(self, text_features, tokens, real_images, joint=True) -> dict:
+        """One step's network outputs: the readings of the real and (joint) the generated face.
 
-        ws, z, mu, logvar = self.latents(text_features)
-        images = synthesis(ws.to(torch.float32), noise_mode=noise_mode, force_fp32=force_fp32)  # (B, C, H, W)
-        gen_logits, gen_alphas = self.read_generated(images, tokens)
-        trl, trl_parts = text_reconstruction_loss(gen_logits, targets, gen_alphas, loss_cfg.attention_weight)
-        kl = kl_divergence(mu, logvar)
-        total = real_loss + loss_cfg.kl_weight * kl + loss_cfg.trl_weight * trl
-        logs.update(kl=kl.detach(), trl=trl.detach(), trl_ce=trl_parts["ce"], attention=trl_parts["attention"])
-        if loss_cfg.w_reg_weight > 0:
-            w_reg = self.w_regulariser(z)
-            total = total + loss_cfg.w_reg_weight * w_reg
-            logs["w_reg"] = w_reg.detach()
-        return total, logs
+        Returns `real` = (logits (B, T-1, V), alphas (B, T-1, L)) and, when joint, `generated`
+        (the same for the generated face), `mu`, `logvar` (B, Z) and `w_gap` (the w regulariser's
+        squared distance, when a reference mapping is kept). During warm-up `idle` is a zero that
+        keeps the text path in the graph, so DDP's reducer sees one parameter set every step.
+        """
+        out = {"real": self.recaptioner(real_images, tokens)}
+        if not joint:
+            out["idle"] = sum(p.sum() for p in (*self.ca.parameters(), *self.mapping.parameters())) * 0.0
+            return out
+        ws, z, out["mu"], out["logvar"] = self.latents(text_features)
+        images = self._synthesis[0](ws.to(torch.float32), noise_mode=self._noise_mode)  # (B, C, H, W)
+        out["generated"] = self.read_generated(images, tokens)
+        if self._reference_mapping:
+            out["w_gap"] = self.w_regulariser(z)
+        return out
 
     def w_regulariser(self, z):
         """Mean squared distance of the mapper's w to the pretrained mapping's w at the same z.
@@ -90,8 +94,6 @@ class TextToFace(nn.Module):
         z is detached: the term keeps the mapper near the pretrained mapping and leaves the CA
         head (and its noise, which the KL term governs) alone.
         """
-        if not self._reference_mapping:
-            raise RuntimeError("loss.w_reg_weight > 0 needs TextToFace(keep_reference_mapping=True)")
         z = z.detach()
         with torch.no_grad():
             w_ref = self._reference_mapping[0](z, None)
@@ -114,4 +116,5 @@ def build_text_to_face(cfg, text_dim: int, generator: nn.Module, vocab_size: int
     """Trainable model for config `cfg`: the mapper starts as a copy of the generator's mapping."""
     mapping = copy.deepcopy(generator.mapping).requires_grad_(True).train()
     recaptioner = Recaptioner(cfg.recaptioner, vocab_size)
-    return TextToFace(text_dim, mapping, recaptioner, keep_reference_mapping=cfg.loss.w_reg_weight > 0)
+    model = TextToFace(text_dim, mapping, recaptioner, keep_reference_mapping=cfg.loss.w_reg_weight > 0)
+    return model.use_synthesis(generator.synthesis, cfg.generator.noise_mode)
