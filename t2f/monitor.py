@@ -4,8 +4,9 @@ Everything goes to the run directory (`metrics.jsonl`, `samples/step-XXXXXXXX.pn
 is readable without W&B, and to Weights & Biases through Accelerate's tracker. W&B is
 offline unless credentials exist (WANDB_API_KEY or a netrc entry); the log then says how to
 sync. The run id is kept in the run directory so a resumed or requeued job continues the same
-W&B run. Only the main process writes. No secret is ever logged: the config holds none, and
-the environment is not logged.
+W&B run. On resume, `metrics.jsonl` loses the lines past the checkpoint's step (written after
+it by a run that then died), so each step appears once. Only the main process writes. No
+secret is ever logged: the config holds none, and the environment is not logged.
 """
 
 import json
@@ -63,6 +64,33 @@ def init_tracking(accelerator, cfg, run_dir: Path) -> str:
     return mode
 
 
+def drop_metrics_after(path: Path, step: int) -> int:
+    """Keep the records of steps <= `step` (and drop torn lines); atomic. Returns how many were dropped."""
+    try:
+        lines = path.read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        return 0
+    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+    if len(kept) == len(lines) and all(line.endswith("\n") for line in lines):
+        return 0
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics record; None for a line a killed writer left half-written."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 class Monitor:
     """Per-step scalars, sample grids and a progress bar for the main process."""
 
@@ -72,15 +100,16 @@ class Monitor:
         self.main = accelerator.is_main_process
         self.wandb_on = wandb_on and self.main
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=not self.main)
+        if self.main:
+            drop_metrics_after(run_dir / "metrics.jsonl", start_step)
 
-    def step(self, step: int, scalars: dict | None = None) -> None:
+    def step(self, step: int) -> None:
         self.bar.update(1)
-        if scalars:
-            self.bar.set_postfix({k: f"{v:.3g}" for k, v in scalars.items() if k in ("loss", "trl", "recaptioner")})
 
     def log(self, step: int, scalars: dict, prefix: str = "train/") -> None:
         if not self.main:
             return
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in scalars.items() if k in ("loss", "trl", "recaptioner")})
         record = {"step": step, **{prefix + k: float(v) for k, v in scalars.items()}}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")

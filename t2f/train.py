@@ -26,7 +26,8 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch t2f/train
 
 import torch
 
-from t2f.checkpointing import latest_checkpoint, read_state, resolve_checkpoint, save_checkpoint
+from t2f.checkpointing import (CheckpointWriteError, RunDirError, hold_run_dir, latest_checkpoint, read_state,
+                               refuse_fresh_start, resolve_checkpoint, save_checkpoint)
 from t2f.config import ConfigError, load_config, save_config
 from t2f.data.loader import DataAccounting, DataFaultError
 from t2f.monitor import Monitor, init_tracking
@@ -119,12 +120,17 @@ def build_parts(cfg, device):
 
 @contextlib.contextmanager
 def run_directory(cfg, args, accelerator):
-    """The run directory, created only now that config, data and weights checked out."""
+    """The run directory, created only now that config, data and weights checked out, and held by
+    this trainer (RUN/t2f.lock, t2f/checkpointing.py: hold_run_dir) until the run ends."""
     run_dir = Path(cfg.train.run_dir)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
+
+    def prepare():  # main process, holding the lock; a refusal or a write error stops every rank
+        if args.resume == "none":
+            refuse_fresh_start(run_dir)  # never start a second run over a run's checkpoints
         save_config(cfg, run_dir / "config.yaml")
-    yield run_dir
+
+    with hold_run_dir(accelerator, run_dir, prepare):
+        yield run_dir
 
 
 def bad_input(err) -> int:
@@ -265,7 +271,7 @@ def main(argv=None) -> int:
         parts = build_parts(cfg, accelerator.device)
         with run_directory(cfg, args, accelerator) as run_dir:
             return train(cfg, args, accelerator, run_dir, parts, stop)
-    except BadInput as err:
+    except (BadInput, RunDirError) as err:
         return bad_input(err)
     except DataFaultError as err:  # every rank says it: each names its own bad shards
         print(f"t2f train: {err}", file=sys.stderr)
@@ -290,7 +296,11 @@ def train(cfg, args, accelerator, run_dir, parts, stop) -> int:
     accounting = DataAccounting(cfg.data.max_bad_fraction)  # corrupt/lost samples of every worker and epoch
 
     def checkpoint():
-        save_checkpoint(accelerator, run_dir, state["step"], model, cfg, vocab, dict(state), cfg.train.keep_last)
+        from t2f.inference import EMA_WEIGHTS
+
+        extra = {EMA_WEIGHTS: ema.state_dict()} if ema is not None else None
+        save_checkpoint(accelerator, run_dir, state["step"], model, cfg, vocab, dict(state), cfg.train.keep_last,
+                        extra_weights=extra)
 
     batches = train_batches(make_loader(cfg, vocab, accelerator), state["epoch"], state["batch_in_epoch"])
     while state["step"] < cfg.train.steps:
@@ -348,7 +358,13 @@ def train(cfg, args, accelerator, run_dir, parts, stop) -> int:
                 if eval_now:
                     periodic_eval(cfg, monitor, step, pipeline, eval_hooks)
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stopping:
-            checkpoint()
+            try:
+                checkpoint()
+            except CheckpointWriteError as err:  # every rank gets it: all stop here, with one line
+                code = _finish(accelerator, monitor, 1)  # closes the progress bar first
+                if accelerator.is_main_process:
+                    print(f"t2f train: {err}", file=sys.stderr)
+                return code
         if stopping:
             accelerator.print(f"[t2f] signal {stop.signum}: checkpoint at step {step} written; exiting for requeue")
             return _finish(accelerator, monitor, REQUEUE_EXIT_CODE)
