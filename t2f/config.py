@@ -40,6 +40,7 @@ class DataConfig:
     resampled: bool = False  # sample shards with replacement (the default for multi-node)
     max_caption_tokens: int = 50  # C in METHOD.md
     use_precomputed_text: bool = True  # use text features stored in the shards when present
+    max_bad_fraction: float = 0.01  # stop when corrupt + lost samples pass this share of those read (0..1)
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,8 @@ class GeneratorConfig:
     num_fp16_res: int = 4
     conv_clamp: Optional[float] = 256.0
     impl: str = "auto"  # fused-op implementation: auto | ref | triton
-    noise_mode: str = "const"  # const | random | none
-    truncation_psi: float = 1.0
+    noise_mode: str = "const"  # synthesis noise in training: const | random | none
+    truncation_psi: float = 1.0  # default truncation of sample grids and `t2f generate`
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class TrainConfig:
     keep_last: int = 3
     eval_every: int = 0  # 0 disables periodic evaluation
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
+    ema_decay: float = 0.0  # EMA of the CA head + mapper used by samples/generate/eval; 0 = off
 
 
 @dataclass(frozen=True)
@@ -196,12 +198,26 @@ def save_config(cfg, path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    with open(tmp, "w") as f:
+        f.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        f.flush()
+        os.fsync(f.fileno())  # a crash after the rename must not leave an empty config.yaml
     os.replace(tmp, path)
 
 
 def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("deepspeed"))
+    """The training presets in t2f/configs/: YAML files made of config sections. The Accelerate
+    and DeepSpeed files beside them are not presets, whatever their names."""
+    sections = {f.name for f in dataclasses.fields(Config)} | {"base"}
+    names = []
+    for path in PRESET_DIR.glob("*.yaml"):
+        try:
+            tree = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(tree, dict) and tree and set(tree) <= sections:
+            names.append(path.stem)
+    return sorted(names)
 
 
 # ---------------------------------------------------------------------------- helpers
