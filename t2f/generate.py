@@ -7,17 +7,25 @@
 One row per caption, `--n` samples in it, the caption written under the row (`--read-back` adds
 what the recaptioner reads from each image). The same checkpoint, captions, seed and device give
 the same bytes. Bad input (an empty caption, a missing or foreign checkpoint, an output path that
-cannot be written) is reported in one line on stderr with exit status 2; a caption longer than
-the text encoder's window is truncated with a warning.
+cannot be written, a truncation psi outside [0, 2] or NaN) is reported in one line on stderr with
+exit status 2. A caption longer than the text encoder's window is cut to the part the encoder
+reads, with a warning, and drawn (and listed in captions.tsv) cut, ending in "…".
 """
 
 import argparse
+import math
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+
+# psi = 0 gives the average face, 1 no truncation; StyleGAN users stay in [0.5, 1] and go up to
+# about 2 for extra variety. Negative psi mirrors w through the average (faces opposite to what the
+# caption asks for) and larger values give artefacts; NaN gives black images.
+TRUNCATION_RANGE = (0.0, 2.0)
 
 
 class UsageError(ValueError):
@@ -31,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", dest="captions_file", help="text file with one caption per line (blank lines ignored)")
     p.add_argument("--n", type=int, default=4, help="images per caption (default 4)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--truncation", type=float, default=1.0, help="truncation psi towards the average w (default 1.0 = none)")
+    p.add_argument("--truncation", type=float, default=1.0,
+                   help="truncation psi towards the average w, from 0 (average face) to 2 (default 1.0 = none)")
     p.add_argument("--out", help="grid PNG path (default grid.png unless --out-dir is given)")
     p.add_argument("--out-dir", help="also write one PNG per image into this folder")
     p.add_argument("--read-back", action="store_true", help="write the recaptioner's reading under each image")
@@ -102,11 +111,34 @@ def _device(choice: str) -> str:
     return choice
 
 
-def _warn_if_truncated(pipeline, captions: list[str]) -> None:
-    window = pipeline.text_encoder.max_length
+def check_truncation(psi: float) -> float:
+    """psi itself when it is a usable truncation (see TRUNCATION_RANGE), else a UsageError."""
+    low, high = TRUNCATION_RANGE
+    if not (math.isfinite(psi) and low <= psi <= high):  # NaN fails every comparison: say so explicitly
+        raise UsageError(f"--truncation must be a number from {low:g} to {high:g} (1 = none, 0.7 is common), got {psi}")
+    return psi
+
+
+def cut_to_window(pipeline, captions: list[str]) -> list[str]:
+    """Captions as the text encoder reads them: a too-long one is cut to its window, with a warning."""
+    encoder = pipeline.text_encoder
+    captions = list(captions)
     for i in pipeline.too_long(captions):
-        print(f"t2f generate: warning: caption {i + 1} is longer than the text encoder's window of {window} "
-              f"tokens; only its beginning is used: {captions[i][:60]!r}...", file=sys.stderr)
+        captions[i] = _read_part(encoder.tokenizer, captions[i], encoder.max_length).rstrip() + " …"
+        print(f"t2f generate: warning: caption {i + 1} is longer than the text encoder's window of "
+              f"{encoder.max_length} tokens; only its beginning is used (and drawn): {captions[i][:60]!r}",
+              file=sys.stderr)
+    return captions
+
+
+def _read_part(tokenizer, caption: str, window: int) -> str:
+    """The beginning of `caption` that fits in `window` tokens (special tokens included)."""
+    try:  # fast tokenizers say where each token came from
+        spans = tokenizer(caption, truncation=True, max_length=window, return_offsets_mapping=True)["offset_mapping"]
+        return caption[:max(end for _, end in spans)]
+    except NotImplementedError:  # slow (Python) tokenizers: the decoded tokens, possibly normalised
+        ids = tokenizer(caption, truncation=True, max_length=window)["input_ids"]
+        return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def write_images(images, captions, n: int, grid: Path | None, folder: Path | None, subcaptions=None) -> None:
@@ -142,13 +174,14 @@ def main(argv=None) -> int:
     try:
         if args.n < 1:
             raise UsageError(f"--n must be at least 1, got {args.n}")
+        check_truncation(args.truncation)
         captions = read_captions(args)
         grid, folder = check_outputs(args)
         pipeline = load_pipeline(args.ckpt, device=_device(args.device), overrides=args.set)
-        _warn_if_truncated(pipeline, captions)
+        shown = cut_to_window(pipeline, captions)
         images = pipeline.generate(captions, n=args.n, seed=args.seed, truncation_psi=args.truncation).cpu()
         subcaptions = pipeline.read_back(images) if args.read_back else None
-        write_images(images, captions, args.n, grid, folder, subcaptions)
+        write_images(images, shown, args.n, grid, folder, subcaptions)
     except (UsageError, CheckpointNotFound, PipelineError, ConfigError, TextEncoderError, CheckpointError,
             FileNotFoundError) as err:  # FileNotFoundError: weights a config names (messages say which)
         print(f"t2f generate: {err}", file=sys.stderr)

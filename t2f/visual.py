@@ -6,9 +6,16 @@
 Images are float tensors in [-1, 1] (the generator's range). Each row of `per_row` images gets
 its caption written (wrapped) under it; an optional small subcaption under every image shows,
 for instance, what the recaptioner read back from that image.
+
+Text is set in Noto Sans CJK (the `noto-cjk-sans-otc` package, found at run time, never
+downloaded), which has Latin, Greek, Cyrillic, Chinese, Japanese and Korean glyphs; emoji have
+none there and show as the font's empty box. A row's caption takes at most as many lines as
+the image height holds (the last ends in "…"), so no caption, however long, makes a grid tall.
 """
 
+import functools
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -19,6 +26,8 @@ _BACKGROUND = (255, 255, 255)
 _CAPTION_COLOUR = (0, 0, 0)
 _SUBCAPTION_COLOUR = (90, 90, 90)
 _SUB_LINES = 3  # subcaption lines kept under each image
+_ELLIPSIS = "…"
+_NOTO_FACE = 2  # Noto Sans CJK SC in the collection (JP, KR, SC, TC, HK, then the Mono faces)
 
 
 def to_uint8(images) -> np.ndarray:
@@ -75,9 +84,10 @@ def _row_captions(captions, n: int, rows: int, per_row: int) -> list[str]:
 def _row_block(cells: np.ndarray, width: int, caption: str, subs, font, small) -> Image.Image:
     """One row: the images, their subcaptions, then the row caption, on a white strip."""
     h, w = cells.shape[1:3]
-    sub_lines = [_clip(_wrap(s, small, w - 2 * _PAD)) for s in subs] if subs is not None else []
+    sub_lines = [_wrap(s, small, w - 2 * _PAD, _SUB_LINES) for s in subs] if subs is not None else []
     sub_height = max((len(lines) for lines in sub_lines), default=0) * _line_height(small)
-    cap_lines = _wrap(caption, font, width - 2 * _PAD)
+    # Never taller than the images above it: a runaway caption must not make a runaway grid.
+    cap_lines = _wrap(caption, font, width - 2 * _PAD, max(2, h // _line_height(font)))
     cap_height = len(cap_lines) * _line_height(font)
     block = Image.new("RGB", (width, h + sub_height + cap_height + 2 * _PAD), _BACKGROUND)
     draw = ImageDraw.Draw(block)
@@ -90,8 +100,10 @@ def _row_block(cells: np.ndarray, width: int, caption: str, subs, font, small) -
     return block
 
 
-def _wrap(text: str, font, max_width: int) -> list[str]:
-    """Greedy word wrap by rendered width; a single over-long word is cut by characters."""
+def _wrap(text: str, font, max_width: int, max_lines: int) -> list[str]:
+    """Greedy word wrap by rendered width into at most `max_lines` lines, the last ending in "…"
+    when text is left over. A word wider than a line (or a run of CJK, which has no spaces) is
+    cut by characters."""
     lines, line = [], ""
     for word in str(text).split():
         candidate = f"{line} {word}" if line else word
@@ -100,29 +112,54 @@ def _wrap(text: str, font, max_width: int) -> list[str]:
             continue
         if line:
             lines.append(line)
-        while font.getlength(word) > max_width and len(word) > 1:
-            cut = max(1, next((k for k in range(len(word), 0, -1) if font.getlength(word[:k]) <= max_width), 1))
+        while font.getlength(word) > max_width and len(word) > 1 and len(lines) < max_lines:
+            cut = _fitting_prefix(word, font, max_width)
             lines.append(word[:cut])
             word = word[cut:]
         line = word
+        if len(lines) >= max_lines:
+            return _ellipsise(lines[:max_lines], font, max_width)
     if line:
         lines.append(line)
     return lines or [""]
 
 
-def _clip(lines: list[str]) -> list[str]:
-    """At most _SUB_LINES lines under an image (a runaway decoder can write a paragraph)."""
-    return lines if len(lines) <= _SUB_LINES else lines[: _SUB_LINES - 1] + [lines[_SUB_LINES - 1] + " ..."]
+def _fitting_prefix(word: str, font, max_width: int) -> int:
+    """Length of the longest prefix of `word` that fits in max_width (at least 1); binary search."""
+    lo, hi = 1, len(word)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if font.getlength(word[:mid]) <= max_width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _ellipsise(lines: list[str], font, max_width: int) -> list[str]:
+    """Mark the last line as cut, dropping its end until the mark fits."""
+    last = lines[-1]
+    while last and font.getlength(last + " " + _ELLIPSIS) > max_width:
+        last = last[:-1]
+    return lines[:-1] + [(last.rstrip() + " " + _ELLIPSIS).lstrip()]
 
 
 def _line_height(font) -> int:
-    top, bottom = font.getbbox("Ag")[1::2]
-    return int(bottom - top) + 3
+    ascent, descent = font.getmetrics()  # the font's own extent, so CJK and accents fit too
+    return int(ascent + descent) + 2
 
 
+@functools.lru_cache(maxsize=8)
 def _font(size: int):
-    # Pillow's bundled scalable font: no system font files needed on a bare cluster node.
+    """Noto Sans CJK at `size` px from its pip package; Pillow's own font if that is missing."""
     try:
-        return ImageFont.load_default(size=size)
+        import noto_cjk_sans_otc
+
+        return ImageFont.truetype(str(noto_cjk_sans_otc.FONT_PATH), size, index=_NOTO_FACE)
+    except (ImportError, OSError) as err:
+        warnings.warn(f"caption font unavailable ({err}); captions outside Latin script will show as boxes. "
+                      "Install it with `pip install noto-cjk-sans-otc`.", stacklevel=2)
+    try:
+        return ImageFont.load_default(size=size)  # Pillow's bundled scalable font (Latin only)
     except TypeError:  # Pillow without FreeType: fixed-size bitmap font
         return ImageFont.load_default()

@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -84,11 +85,37 @@ def test_captions_file_and_read_back(run_dir, tmp_path):
     assert Image.open(tmp_path / "g.png").width == RES
 
 
-def test_long_caption_is_truncated_with_a_warning(run_dir, tmp_path, capsys):
-    long = " ".join(["the woman has blond hair and is smiling ."] * 12)  # > 64 tokens (toy window)
-    assert _generate(run_dir, long, "--n", 1, "--out", tmp_path / "g.png") == 0
-    assert "longer than the text encoder's window" in capsys.readouterr().err
-    assert (tmp_path / "g.png").is_file()
+def test_long_caption_is_cut_with_a_warning_and_the_grid_stays_small(run_dir, tmp_path, capsys):
+    words = "the woman has blond hair and is smiling .".split()
+    long = " ".join(words[i % len(words)] for i in range(5000))  # far past the toy window of 64 tokens
+    assert _generate(run_dir, long, "--n", 1, "--out", tmp_path / "g.png", "--out-dir", tmp_path / "d") == 0
+    err = capsys.readouterr().err
+    assert "longer than the text encoder's window" in err and err.count("warning:") == 1
+    grid = Image.open(tmp_path / "g.png")
+    assert grid.height <= 2 * RES + 16  # the image, then at most an image's height of caption (was 33,716 px)
+    shown = (tmp_path / "d" / "captions.tsv").read_text(encoding="utf-8").split("\t", 1)[1].strip()
+    assert shown.endswith("…") and long.startswith(shown[:-1].rstrip()) and len(shown) < 64 * 8
+
+
+def test_truncation_edges_are_accepted(run_dir, tmp_path):
+    for psi in (0, 2):
+        assert _generate(run_dir, "a man .", "--n", 1, "--truncation", psi, "--out", tmp_path / "g.png") == 0
+
+
+@pytest.mark.parametrize("text", ["äöü ßñç", "Ωμέγα λόγος", "Жизнь мир", "漢字書道", "かなカナ", "한글"])
+def test_captions_in_any_script_are_drawn_with_real_glyphs(text):
+    """A missing glyph draws the font's .notdef box; a caption must not look like a row of those."""
+    from t2f.visual import caption_grid
+
+    image = torch.zeros(1, 3, 96, 96)
+    def draw(caption):
+        return np.asarray(caption_grid(image, [caption], per_row=1))[96:]  # the caption strip
+
+    missing = "\U0010fffd"  # private use, plane 16: in no font, so it renders as .notdef
+    drawn = draw(text)
+    assert drawn.min() < 128  # something was written
+    assert not np.array_equal(drawn, draw("".join(missing if c != " " else c for c in text)))
+    assert not np.array_equal(drawn, draw(text[::-1]))  # distinct characters look distinct
 
 
 def _bad_inputs(run_dir, tmp_path):
@@ -113,12 +140,16 @@ def _bad_inputs(run_dir, tmp_path):
         "unwritable output": (ok, ["--out", locked / "g.png"], "permission denied"),
         "unreadable captions file": (ok, ["--captions", tmp_path / "missing.txt"], "cannot read captions file"),
         "empty captions file": ([], ["--captions", blank], "holds no caption"),
+        "NaN truncation": (ok, ["--truncation", "nan"], "--truncation must be a number from 0 to 2"),
+        "negative truncation": (ok, ["--truncation", "-0.5"], "--truncation must be a number from 0 to 2"),
+        "huge truncation": (ok, ["--truncation", "7"], "--truncation must be a number from 0 to 2"),
     }
 
 
 @pytest.mark.parametrize("case", ["empty caption", "no caption", "missing checkpoint", "wrong-format checkpoint",
                                   "missing output folder", "output is a folder", "unwritable output",
-                                  "unreadable captions file", "empty captions file"])
+                                  "unreadable captions file", "empty captions file", "NaN truncation",
+                                  "negative truncation", "huge truncation"])
 def test_bad_input_gives_one_clear_line_and_status_2(run_dir, tmp_path, capsys, case):
     captions, extra, message = _bad_inputs(run_dir, tmp_path)[case]
     status = generate.main([*captions, "--ckpt", str(run_dir), "--device", "cpu", *map(str, extra)])

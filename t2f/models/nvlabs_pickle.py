@@ -14,6 +14,7 @@ refers to is ever called.
 import collections
 import io
 import pickle
+import re
 
 import torch
 
@@ -42,7 +43,32 @@ class EasyDict(dict):
 
 def _storage_from_bytes(data):
     # NVlabs-era tensors pickle their storage as torch.save bytes; read them the safe way.
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        name = refused_global(error)
+        if name is None:
+            raise pickle.UnpicklingError(f"a tensor's storage bytes are not a torch.save record: "
+                                         f"{torch_load_reason(error)}") from None
+        raise UnsafePickleError(f"global '{name}' hidden in a tensor's storage bytes is not allowed: only "
+                                "tensors may appear there") from None
+
+
+def refused_global(error) -> str | None:
+    """The global a `torch.load(weights_only=True)` refusal names ('posix.system'), or None if it names none."""
+    match = re.search(r"GLOBAL ([\w.]+)|unrecognized function (.+?)(?: which belongs|$)", str(error), re.MULTILINE)
+    return (match.group(1) or match.group(2)) if match else None
+
+
+def torch_load_reason(error) -> str:
+    """torch.load's own reason in one line, without the advice around it (torch suggests
+    weights_only=False, which would run whatever the file holds)."""
+    text = str(error)
+    detail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else text
+    lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation",
+                                                            "Please file an issue", "(1)", "(2)"))]
+    return useful[0] if useful else ""
 
 
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
@@ -97,7 +123,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             return RestrictedUnpickler._allowed[(module, name)]
         except KeyError:
             raise UnsafePickleError(
-                f"refused global '{module}.{name}': only tensors, parameters, plain containers and "
+                f"global '{module}.{name}' is not allowed: only tensors, parameters, plain containers and "
                 "torch_utils.persistence records may appear in a network pickle") from None
 
     def persistent_load(self, pid):

@@ -148,9 +148,11 @@ def _load_nvlabs(path: Path, impl: str) -> Generator:
     except nvlabs_pickle.UnsafePickleError as error:
         hint = (" This is a TensorFlow StyleGAN2 pickle: use the PyTorch release of the same network "
                 "(see docs/CHECKPOINTS.md).") if "dnnlib.tflib" in str(error) else ""
-        raise CheckpointError(f"{path}: {error}. The file was not loaded; nothing in it was run.{hint}") from None
+        raise CheckpointError(f"{path}: refused as unsafe: {error}; the file was not loaded and nothing in it was run."
+                              f"{hint}") from None
     except Exception as error:  # anything a damaged pickle can raise; reported, never half-loaded
-        raise CheckpointError(f"{path}: not a readable NVlabs network pickle ({type(error).__name__}: {error}); "
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: not a readable NVlabs network pickle ({type(error).__name__}: {first_line}); "
                               "truncated download?") from None
     record = data.get("G_ema") if isinstance(data, dict) else data
     if not isinstance(record, nvlabs_pickle.PersistentRecord) or record.class_name != "Generator":
@@ -210,8 +212,13 @@ def _load_rosinality(path: Path, impl: str) -> Generator:
         with torch.serialization.safe_globals([argparse.Namespace]):
             data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise CheckpointError(f"{path}: torch.load(weights_only=True) failed ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''}); truncated or not a rosinality .pt?") from None
+        unsafe = nvlabs_pickle.refused_global(error)
+        if unsafe:  # torch's own message would advise weights_only=False, i.e. running the payload
+            raise CheckpointError(f"{path}: refused as unsafe: it asks for '{unsafe}', which a weights file never "
+                                  "needs; the file was not loaded and nothing in it was run.") from None
+        reason = nvlabs_pickle.torch_load_reason(error)
+        raise CheckpointError(f"{path}: torch.load(weights_only=True) failed ({type(error).__name__}"
+                              f"{': ' + reason if reason else ''}); truncated or not a rosinality .pt?") from None
     if not isinstance(data, dict) or "g_ema" not in data:
         found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"{path}: expected a rosinality stylegan2-pytorch checkpoint with 'g_ema'; found {found}")
