@@ -11,7 +11,7 @@ import sys
 COMMANDS = {
     "convert": ("t2f.models.convert", "convert a StyleGAN2 checkpoint (NVlabs .pkl, rosinality .pt) to t2f safetensors"),
     "bench": ("t2f.bench", "benchmarks that print fast-path / reference ratios (ops, generator, data, train)"),
-    "shards": ("t2f.data.shards", "build WebDataset shards + manifest from MM-CelebA-HQ, CelebAText-HQ or a jsonl; verify them"),
+    "shards": ("t2f.shards_cli", "build WebDataset shards + manifest from MM-CelebA-HQ, CelebAText-HQ or a jsonl; verify them"),
     "generate": ("t2f.generate", "faces from captions with a trained checkpoint: a captioned grid or one PNG per image"),
     "eval": ("t2f.eval.evaluate", "FID (clean-fid), LPIPS and text consistency of a checkpoint on a test split"),
     "toy": ("t2f.toy.cli", "the toy world: render faces, build its shards, refit its generator or attribute classifier"),

@@ -1,16 +1,21 @@
-"""Shard builder: the three source layouts round-trip, bad input is refused or skipped with a
-record, verify catches a changed byte, and a rebuild rewrites only what is missing."""
+"""Shard builder: the three source layouts round-trip, bad input is refused (exit 2, no traceback)
+or skipped with a record, verify catches a changed byte, a rebuild rewrites only what is missing,
+and a training config that asks for another text encoder than the stored features' is refused."""
 
 import json
 import pickle
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from t2f.data import shards
-from t2f.data.manifest import read_manifest
+from t2f import shards_cli as shards
+from t2f.config import TextConfig
+from t2f.data.manifest import TextFeaturesMismatch, check_text_features, read_manifest
 from t2f.data.shards import build_shards
 from t2f.data.sources import SampleSpec
 from t2f.data.vocab import Vocab
@@ -152,7 +157,7 @@ def make_bad_dataset(root):
 def test_bad_input_is_listed_and_nothing_written(tmp_path, capsys):
     expected = make_bad_dataset(tmp_path / "mm")
     out = tmp_path / "out"
-    assert run_build("--source", "mmcelebahq", "--root", tmp_path / "mm", "--out", out, "--workers", 0) == 1
+    assert run_build("--source", "mmcelebahq", "--root", tmp_path / "mm", "--out", out, "--workers", 0) == 2
     err = capsys.readouterr().err
     assert "6 bad sample(s)" in err and "--skip-bad" in err
     for sample_id, reason in expected.items():
@@ -176,7 +181,7 @@ def test_image_that_fails_to_decode_leaves_no_shard_and_no_finished_manifest(tmp
     good.write_bytes(good.read_bytes()[:800])  # header intact, scan data truncated
     out = tmp_path / "out"
     args = ["--source", "mmcelebahq", "--root", tmp_path / "mm", "--out", out, "--shard-size", 3, "--resolution", 8, "--workers", 0]
-    assert run_build(*args) == 1
+    assert run_build(*args) == 2
     assert "3 (train): image could not be decoded" in capsys.readouterr().err
     assert not (out / "train-000001.tar").exists() and not list(out.glob(".*tmp*"))
     with pytest.raises(ValueError, match="unfinished build"):
@@ -213,7 +218,10 @@ def test_api_with_in_memory_images_and_text_features(tmp_path):
     specs = [SampleSpec(f"s.{i}", np.full((12, 12, 3), i, np.uint8), ["a" * (i + 1), "bb"], "train",
                         {"Smiling": i % 2 == 1}) for i in range(5)]
     manifest = build_shards(specs, tmp_path / "out", resolution=12, shard_size=2, text_encoder=StubEncoder(), progress=False)
-    assert manifest["text_encoder"] == {"name": "stub", "dim": 4, "dtype": "float16", "file": "text.npy"}
+    probe = manifest["text_encoder"].pop("probe")
+    assert manifest["text_encoder"] == {"name": "stub", "pooling": None, "max_length": None, "dim": 4,
+                                        "dtype": "float16", "file": "text.npy"}
+    assert probe["caption"] == "a"  # the first caption of the set
     assert manifest["attributes"] == ["Smiling"]  # inferred from the samples
     with tarfile.open(tmp_path / "out" / "train-000001.tar") as tar:
         names = tar.getnames()
@@ -229,15 +237,23 @@ def test_cli_stores_features_of_the_packaged_text_encoder(tmp_path):
     out = tmp_path / "out"
     assert run_build("--source", "celebatext", "--root", tmp_path / "ct", "--out", out, "--resolution", 8,
                      "--text-encoder", "all-MiniLM-L6-v2", "--local-files-only", "--workers", 0) == 0
-    assert read_manifest(out)["text_encoder"]["dim"] == 384
+    record = read_manifest(out)["text_encoder"]
+    assert (record["name"], record["pooling"], record["max_length"], record["dim"]) == ("all-MiniLM-L6-v2", "auto", 77, 384)
     with tarfile.open(out / "train-000000.tar") as tar:
         rows = np.load(tarfile.io.BytesIO(tar.extractfile("00000.text.npy").read()))
     assert rows.shape == (10, 384) and rows.dtype == np.float16
 
+    # Trained on a cluster as a local folder: the same weights under another name pass the check.
+    from t2f.models.text_encoder import TextEncoder, resolve_model_path
+
+    folder = resolve_model_path("all-MiniLM-L6-v2")
+    text = TextConfig(encoder=folder, pooling="mean", max_length=77, local_files_only=True)
+    check_text_features(read_manifest(out), text, True, encoder=TextEncoder(folder, "mean", 77, True))
+
 
 def test_missing_layout_names_the_paths_tried(tmp_path, capsys):
     (tmp_path / "mm" / "CelebA-HQ-img").mkdir(parents=True)
-    assert run_build("--source", "mmcelebahq", "--root", tmp_path / "mm", "--out", tmp_path / "out") == 1
+    assert run_build("--source", "mmcelebahq", "--root", tmp_path / "mm", "--out", tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "no caption folder" in err and "celeba-caption" in err and "captions" in err
 
@@ -292,13 +308,13 @@ def test_finalize_names_the_slice_that_did_not_run(tmp_path, capsys):
     assert "no record .slice-1-of-3.json" in line and "test-000001.tar, train-000002.tar" in line
     assert "slice 0:" not in err and "slice 2:" not in err
     assert not (tmp_path / "out" / "manifest.json").exists()
-    assert run_build(*args, "--slice", 3) == 1 and "--slice 3 is outside 0..2" in capsys.readouterr().err
+    assert run_build(*args, "--slice", 3) == 2 and "--slice 3 is outside 0..2" in capsys.readouterr().err
 
 
 def test_a_slice_refuses_bad_input_and_skips_it_like_a_local_build(tmp_path, capsys):
     make_bad_dataset(tmp_path / "mm")
     args = ["--source", "mmcelebahq", "--root", tmp_path / "mm", "--shard-size", 2, "--resolution", 8, "--workers", 0]
-    assert run_build(*args, "--out", tmp_path / "array", "--num-slices", 2, "--slice", 1) == 1
+    assert run_build(*args, "--out", tmp_path / "array", "--num-slices", 2, "--slice", 1) == 2
     assert "6 bad sample(s)" in capsys.readouterr().err and not (tmp_path / "array").exists()
     assert run_build(*args, "--skip-bad", "--out", tmp_path / "local") == 0
     for step in (["--slice", 0], ["--slice", 1], ["--finalize"]):
@@ -328,3 +344,77 @@ def test_api_slices_carry_the_text_features_dimension_to_the_manifest(tmp_path):
     manifest = build_shards(specs(), tmp_path / "array", num_slices=2, finalize=True, **common)
     assert CountingEncoder.calls == calls  # finalize never encodes
     assert manifest == local and manifest["text_encoder"]["dim"] == 3
+
+
+# ---------------------------------------------------------------------------- exit status
+
+
+def test_cli_bad_input_exits_2_with_one_message_and_no_traceback(tmp_path):
+    t2f = Path(sys.executable).parent / "t2f"
+    cases = {
+        "missing root": (["build", "--source", "celebatext", "--root", tmp_path / "nowhere"], "is not a directory"),
+        "unknown source": (["build", "--source", "flickr", "--root", tmp_path], "invalid choice: 'flickr'"),
+        "no manifest to verify": (["verify", tmp_path], "no shard manifest"),
+    }
+    for what, (args, message) in cases.items():
+        result = subprocess.run([str(t2f), "shards", *map(str, args)], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, (what, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, (what, result.stderr)
+
+
+# ---------------------------------------------------------------------------- stored text features vs text.*
+
+
+class FeatureStub:
+    """A 3-wide text encoder; `kind` picks its 'weights' (features of the same width either way)."""
+
+    def __init__(self, name, kind="a", pooling="mean", max_length=32):
+        self.name, self.kind, self.pooling, self.max_length = name, kind, pooling, max_length
+
+    def encode(self, captions):
+        import torch
+
+        rows = [[len(c), 1.0, -2.0] if self.kind == "a" else [1.0, -2.0, len(c)] for c in captions]
+        return torch.tensor(rows)
+
+
+def featured_manifest(tmp_path, encoder):
+    specs = [SampleSpec(str(i), np.full((8, 8, 3), i, np.uint8), [f"face {i} smiles", "a face"]) for i in range(3)]
+    return build_shards(specs, tmp_path / "out", resolution=8, shard_size=2, text_encoder=encoder, progress=False)
+
+
+def test_features_from_another_text_encoder_are_refused_with_the_fix(tmp_path):
+    manifest = featured_manifest(tmp_path, FeatureStub("enc-a"))
+    assert {k: manifest["text_encoder"][k] for k in ("name", "pooling", "max_length", "dim")} == \
+           {"name": "enc-a", "pooling": "mean", "max_length": 32, "dim": 3}
+    same = TextConfig(encoder="enc-a", pooling="mean", max_length=32)
+    check_text_features(manifest, same, True)
+    with pytest.raises(TextFeaturesMismatch) as err:
+        check_text_features(manifest, TextConfig(encoder="enc-b", pooling="mean", max_length=32), True)
+    message = str(err.value)
+    assert "\n" not in message and "'enc-a'" in message and "'enc-b'" in message
+    assert "--text-encoder enc-b" in message and "data.use_precomputed_text=false" in message
+    check_text_features(manifest, TextConfig(encoder="enc-b"), False)  # features not used: nothing to check
+    for other in (TextConfig(encoder="enc-a", pooling="mean", max_length=77), TextConfig(encoder="enc-a", pooling="clip", max_length=32)):
+        with pytest.raises(TextFeaturesMismatch):
+            check_text_features(manifest, other, True)
+    check_text_features(featured_manifest(tmp_path / "plain", None), TextConfig(encoder="enc-b"), True)  # no features
+
+
+def test_the_probe_knows_the_same_weights_under_another_name_and_another_model_under_the_same(tmp_path):
+    manifest = featured_manifest(tmp_path, FeatureStub("org/enc-a"))
+    folder = TextConfig(encoder="/models/enc-a", pooling="mean", max_length=32)
+    with pytest.raises(TextFeaturesMismatch):
+        check_text_features(manifest, folder, True)  # by name alone
+    check_text_features(manifest, folder, True, encoder=FeatureStub("/models/enc-a"))
+    same_name = TextConfig(encoder="org/enc-a", pooling="mean", max_length=32)
+    with pytest.raises(TextFeaturesMismatch, match="'org/enc-a'"):
+        check_text_features(manifest, same_name, True, encoder=FeatureStub("org/enc-a", kind="b"))
+
+
+def test_a_manifest_from_before_the_record_is_checked_by_name_and_warns(tmp_path):
+    old = {"text_encoder": {"name": "enc-a", "dim": 3, "dtype": "float16", "file": "text.npy"}}
+    with pytest.warns(UserWarning, match="pooling and max_length cannot be checked"):
+        check_text_features(old, TextConfig(encoder="enc-a"), True, encoder=FeatureStub("enc-a"))
+    with pytest.raises(TextFeaturesMismatch):
+        check_text_features(old, TextConfig(encoder="enc-b"), True)

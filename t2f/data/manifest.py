@@ -6,7 +6,10 @@
       "source": "mmcelebahq",           # mmcelebahq | celebatext | jsonl | custom (Python API)
       "resolution": 256, "image_format": "png", "quality": null,   # quality: JPEG only
       "shard_size": 1000,
-      "text_encoder": null | {"name": "...", "dim": 512, "dtype": "float16", "file": "text.npy"},
+      "text_encoder": null | {          # what made the <key>.text.npy features (see below)
+          "name": "openai/clip-vit-base-patch32", "pooling": "auto", "max_length": 77,
+          "dim": 512, "dtype": "float16", "file": "text.npy",
+          "probe": {"caption": "...", "float16": "<base64>"}},
       "attributes": ["5_o_Clock_Shadow", ...],   # names, in column order; [] when unknown
       "vocab": "vocab.json",            # beside the manifest; built from train captions only
       "options": {...},                 # the build command's options, for the record
@@ -19,13 +22,21 @@
 
 `inputs` fingerprints what a shard was made from (ids, captions, attributes, image files,
 settings); a rebuild keeps a shard only if its inputs and its file's sha256 both still match.
+
+`text_encoder` records the encoder as the build was given it (`pooling` "auto" resolves to "clip"
+for CLIP models and "mean" otherwise; null where an API caller's encoder did not say) and `probe`,
+the float16 features of the set's first caption. `check_text_features` holds a training config to
+them: features from another encoder of the same width would otherwise train silently. Manifests
+written before `pooling`, `max_length` and `probe` were recorded hold only the name.
 """
 
+import base64
 import hashlib
 import json
 import os
 import socket
 import tarfile
+import warnings
 from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
@@ -54,6 +65,79 @@ def read_manifest(shards_dir) -> dict:
     return manifest
 
 
+class TextFeaturesMismatch(ValueError):
+    """The shards' stored text features were made by another text encoder than the config's."""
+
+
+PROBE_COSINE = 0.99  # fp16 storage and fp16/fp32 compute stay far above it; another model falls far below
+
+
+def check_text_features(manifest: dict, text_cfg, use_precomputed: bool, encoder=None) -> None:
+    """Refuse to train on stored text features that `text_cfg` (the config's `text` section) would
+    not give: a TextFeaturesMismatch naming both encoders and the fix. Nothing to check when the
+    shards hold no features or the run does not use them (`use_precomputed=False`).
+
+    With `encoder` (the run's own text encoder, any object with `.encode`) and a manifest that has
+    a probe, the probe caption is re-encoded: the same weights under another name (a hub id at
+    build time, a local folder on the cluster) pass, another model fails whatever its name.
+    Otherwise the names are compared. Pooling and max_length are compared where both sides state
+    them ("auto" pooling is compared through the probe only). Manifests from before the record
+    (name only, no probe) are checked by name and pass with a warning: refusing them would force a
+    rebuild of every existing set, although only a different encoder name is a likely mistake.
+    """
+    stored = manifest.get("text_encoder")
+    if not use_precomputed or not stored:
+        return
+    pooling = getattr(encoder, "pooling", None) or text_cfg.pooling
+    probe = stored.get("probe")
+    if encoder is not None and probe:
+        same_model = _probe_agrees(probe, encoder)
+    else:
+        same_model = _same_name(stored["name"], text_cfg.encoder)
+    differs = (not same_model
+               or _both_differ(stored.get("pooling"), pooling, skip="auto")
+               or _both_differ(stored.get("max_length"), text_cfg.max_length))
+    if differs:
+        raise TextFeaturesMismatch(_mismatch_message(stored, text_cfg, pooling))
+    if not probe and stored.get("max_length") is None:
+        warnings.warn(f"the shard manifest records only the name of the text encoder behind its features "
+                      f"({stored['name']!r}), so pooling and max_length cannot be checked against text.*; "
+                      f"rebuilding the shards records them", stacklevel=2)
+
+
+def _same_name(a: str, b: str) -> bool:
+    return str(a).rstrip("/") == str(b).rstrip("/")
+
+
+def _both_differ(stored, wanted, skip=None) -> bool:
+    known = stored is not None and wanted is not None and skip not in (stored, wanted)
+    return known and stored != wanted
+
+
+def _probe_agrees(probe: dict, encoder) -> bool:
+    import numpy as np
+
+    stored = np.frombuffer(base64.b64decode(probe["float16"]), dtype="<f2").astype(np.float32)  # (D,)
+    fresh = encoder.encode([probe["caption"]]).float().cpu().numpy()[0]  # (D,)
+    if fresh.shape != stored.shape:
+        return False
+    if np.allclose(fresh, stored, rtol=1e-2, atol=1e-3):
+        return True
+    norms = float(np.linalg.norm(fresh) * np.linalg.norm(stored))
+    return norms > 0 and float(fresh @ stored) / norms >= PROBE_COSINE
+
+
+def _mismatch_message(stored: dict, text_cfg, pooling) -> str:
+    def encoder(name, pool, length):
+        return f"{name!r} (pooling {pool or '?'}, max_length {length or '?'})"
+
+    options = f"--text-encoder {text_cfg.encoder} --text-pooling {text_cfg.pooling} --text-max-length {text_cfg.max_length}"
+    return (f"the text features stored in the shards (data.shards) were made by "
+            f"{encoder(stored['name'], stored.get('pooling'), stored.get('max_length'))}, but text.* asks for "
+            f"{encoder(text_cfg.encoder, pooling, text_cfg.max_length)}; rebuild the shards with "
+            f"`t2f shards build ... {options}`, or set data.use_precomputed_text=false to encode the captions while training")
+
+
 def previous_entries(out_dir) -> dict:
     """{shard name: entry} from an earlier build in `out_dir`, finished or not ({} if none)."""
     path = Path(out_dir) / MANIFEST_NAME
@@ -64,7 +148,7 @@ def previous_entries(out_dir) -> dict:
     return {e["name"]: e for split in manifest.get("splits", {}).values() for e in split.get("shards", [])}
 
 
-def manifest_dict(head: dict, entries: dict, text_dim, complete: bool) -> dict:
+def manifest_dict(head: dict, entries: dict, text, complete: bool) -> dict:
     """Assemble the schema above from the build settings (`head`) and the shards written so far."""
     splits = {}
     for shard in head["plan"]:
@@ -77,8 +161,9 @@ def manifest_dict(head: dict, entries: dict, text_dim, complete: bool) -> dict:
     skipped = [{"id": b.id, "split": b.split, "reason": b.reason} for b in head["bad"]]
     skipped += [{"id": i, "split": split, "reason": reason} for i, reason, split in write_time]
     encoder = None
-    if head["text_encoder"]:
-        encoder = {"name": head["text_encoder"], "dim": text_dim, "dtype": "float16", "file": "text.npy"}
+    if head["text_encoder"]:  # `text` is {dim, probe}; None only if no slice recorded it
+        text = text or {"dim": None, "probe": None}
+        encoder = dict(head["text_encoder"], dim=text["dim"], dtype="float16", file="text.npy", probe=text["probe"])
     return {"format": FORMAT, "builder_version": head["builder_version"], "complete": complete,
             "source": head["source"], "resolution": head["resolution"], "image_format": head["format"],
             "quality": head["quality"], "shard_size": head["shard_size"], "text_encoder": encoder,

@@ -1,13 +1,9 @@
-"""WebDataset shard writer, its manifest, and the `t2f shards build|verify` command.
+"""WebDataset shard builder: `build_shards(samples, out_dir, ...)` writes shards, vocabulary, manifest.
 
-Command line (see the README, "Real data"):
-
-    t2f shards build --source mmcelebahq --root data/MM-CelebA-HQ --out shards/mmcelebahq
-    t2f shards build --source celebatext --root data/CelebAText-HQ --out shards/celebatext
-    t2f shards build --source jsonl --manifest faces.jsonl --out shards/faces --skip-bad
-    t2f shards verify shards/mmcelebahq
-
-Python API (what the toy world calls; images may be paths, PIL images or uint8 arrays):
+The `t2f shards build|verify` command line is t2f/shards_cli.py (it builds the text encoder; this
+module only takes one, as any object with `.name` and `.encode(list[str]) -> (B, D) tensor`, and
+optionally `.pooling` and `.max_length`, which the manifest records). Python API (what the toy
+world calls; images may be paths, PIL images or uint8 arrays):
 
     from t2f.data.shards import build_shards
     from t2f.data.sources import SampleSpec
@@ -17,35 +13,32 @@ Python API (what the toy world calls; images may be paths, PIL images or uint8 a
 Output: `OUT/<split>-000000.tar ...`; each sample is `<key>.json` (id, captions, attributes when
 known, source, split), `<key>.png|jpg` (square, `resolution`², Lanczos) and, with a text encoder,
 `<key>.text.npy` (float16, one row per caption). `OUT/manifest.json` lists every shard with its
-sample count and sha256 (schema in t2f/data/manifest.py), `OUT/vocab.json` is the recaptioner's
-vocabulary built from the train captions only.
+sample count and sha256, and which encoder made the text features (schema in t2f/data/manifest.py);
+`OUT/vocab.json` is the recaptioner's vocabulary built from the train captions only.
 
 Each shard is a fixed slice of the sorted ids of its split, written under a temporary name by a
 pool worker and renamed when complete; tar headers carry no time stamps, so a rebuild is
 byte-identical. The manifest is rewritten after every shard (`"complete": false` until the end),
 so re-running after a crash or after deleting a shard rewrites only the shards whose file is
 missing or whose checksum or inputs changed. Bad input is refused before anything is written
-(unless --skip-bad); an image that passes the header check but fails to decode is found while
+(unless skip_bad); an image that passes the header check but fails to decode is found while
 writing: its shard is not written and the build ends with the same kind of error.
 
-Array jobs split the writing: `--num-slices N --slice I` writes every N-th shard, `--num-slices N
---finalize` writes the manifest from the slices' records (t2f/data/slices.py, slurm/shards.sbatch).
+Array jobs split the writing: `num_slices=N, slice_index=I` writes every N-th shard,
+`num_slices=N, finalize=True` writes the manifest from the slices' records (t2f/data/slices.py,
+slurm/shards.sbatch).
 """
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
-from t2f.data.manifest import (MANIFEST_NAME, manifest_dict, mark_unfinished, previous_entries, sha256_file,
-                               verify_shards, write_manifest)
+from t2f.data.manifest import manifest_dict, mark_unfinished, previous_entries, sha256_file, write_manifest
 from t2f.data.slices import (check_slice_args, collect_slices, recorded_entries, remove_records, slice_of,
                              write_record)
-from t2f.data.sources import (BadSample, SourceError, check_samples, id_sort_key, read_celebatext, read_jsonl,
-                              read_mmcelebahq)
-from t2f.data.writer import encode_captions, write_shards, write_vocab
+from t2f.data.sources import BadSample, check_samples, id_sort_key
+from t2f.data.writer import describe_text_features, encode_captions, text_settings, write_shards, write_vocab
 
 BUILDER_VERSION = 1
 SHOW_BAD = 40  # bad ids listed in an error before "... and N more"
@@ -69,11 +62,13 @@ def build_shards(samples, out_dir, *, resolution=256, fmt="png", quality=95, sha
     """Write the shards, vocabulary and manifest for `samples` (SampleSpecs); return the manifest.
 
     `bad` are samples a reader already rejected; `text_encoder` is any object with `.name` and
-    `.encode(list[str]) -> (B, D) tensor`; `limit` keeps the first N ids of each split;
-    `attribute_names` fixes the column order (default: the first labelled sample's keys).
-    Array jobs (t2f/data/slices.py): with `num_slices`, `slice_index=I` writes only slice I's
-    shards and returns its record; `finalize=True` writes the manifest and vocabulary from the
-    records of all slices (the text encoder is not called then: its `.name` is enough).
+    `.encode(list[str]) -> (B, D) tensor` (and `.pooling`, `.max_length` when it has them: they
+    are recorded, so a trainer can tell whether its own encoder would give the same features);
+    `limit` keeps the first N ids of each split; `attribute_names` fixes the column order (default:
+    the first labelled sample's keys). Array jobs (t2f/data/slices.py): with `num_slices`,
+    `slice_index=I` writes only slice I's shards and returns its record; `finalize=True` writes the
+    manifest and vocabulary from the records of all slices (the text encoder is not called then:
+    its `.name`, `.pooling` and `.max_length` are enough).
     """
     check_slice_args(num_slices, slice_index, finalize)
     if fmt not in ("png", "jpg"):
@@ -83,13 +78,16 @@ def build_shards(samples, out_dir, *, resolution=256, fmt="png", quality=95, sha
         attribute_names = next((list(s.attributes) for s in samples if s.attributes), [])
     good, bad = _validated(samples, bad, limit, min_captions, attribute_names, workers, progress, skip_bad)
     settings = {"builder_version": BUILDER_VERSION, "resolution": resolution, "format": fmt,
-                "quality": quality if fmt == "jpg" else None, "text_encoder": getattr(text_encoder, "name", None)}
+                "quality": quality if fmt == "jpg" else None, "text_encoder": text_settings(text_encoder)}
     head = dict(settings, source=source, shard_size=shard_size, attributes=list(attribute_names),
                 options=options or {}, bad=bad, plan=_plan(good, shard_size, settings))
     out = Path(out_dir)
     if finalize:
-        entries, text_dim = collect_slices(out, head["plan"], num_slices)
-        return _finish(out, head, good, entries, text_dim)
+        entries, text = collect_slices(out, head["plan"], num_slices)
+        return _finish(out, head, good, entries, text)
+    # Before anything is written: an encoder that cannot load fails here, and every slice
+    # describes the features by the same caption (the first of the plan).
+    text = describe_text_features(text_encoder, head["plan"][0]["specs"][0].captions[0]) if text_encoder else None
     out.mkdir(parents=True, exist_ok=True)
     sliced = slice_index is not None
     mine = slice_of(head["plan"], slice_index, num_slices) if sliced else head["plan"]
@@ -98,31 +96,31 @@ def build_shards(samples, out_dir, *, resolution=256, fmt="png", quality=95, sha
     entries = {s["name"]: previous[s["name"]] for s in mine if _reusable(out, s, previous.get(s["name"]))}
     todo = [s for s in mine if s["name"] not in entries]
 
-    def save(text_dim, complete=False):  # after every shard, so a re-run keeps what is done
+    def save(complete=False):  # after every shard, so a re-run keeps what is done
         if sliced:
-            return write_record(out, slice_index, num_slices, mine, entries, text_dim, complete)
-        return write_manifest(out, manifest_dict(head, entries, text_dim, complete))
+            return write_record(out, slice_index, num_slices, mine, entries, text, complete)
+        return write_manifest(out, manifest_dict(head, entries, text, complete))
 
     if sliced and todo:
         mark_unfinished(out)  # an older manifest must not vouch for shards this slice replaces
-    save(None)  # without a slice: an older build is invalid from now
-    features, text_dim = encode_captions(text_encoder, todo, progress)
+    save()  # without a slice: an older build is invalid from now
+    features = encode_captions(text_encoder, todo, progress)
     failed = []
     for result in write_shards(out, todo, features, head, skip_bad, workers, progress):
         if result.pop("failed"):
             failed += [BadSample(*b) for b in result["skipped"]]
             continue
         entries[result["name"]] = result
-        save(text_dim)
-    record = save(text_dim, complete=not failed) if sliced else None
+        save()
+    record = save(complete=not failed) if sliced else None
     if failed:
         raise BadInputError(failed, "their shards were not written; fix them, or pass --skip-bad")
-    return record if sliced else _finish(out, head, good, entries, text_dim)
+    return record if sliced else _finish(out, head, good, entries, text)
 
 
-def _finish(out: Path, head: dict, good, entries: dict, text_dim) -> dict:
+def _finish(out: Path, head: dict, good, entries: dict, text) -> dict:
     """The finished manifest; slice records are superseded by it."""
-    manifest = write_manifest(out, manifest_dict(dict(head, vocab=write_vocab(out, good)), entries, text_dim, complete=True))
+    manifest = write_manifest(out, manifest_dict(dict(head, vocab=write_vocab(out, good)), entries, text, complete=True))
     remove_records(out)
     return manifest
 
@@ -183,92 +181,3 @@ def _remove_stale_temps(out: Path, shards) -> None:
 def _reusable(out: Path, shard: dict, entry) -> bool:
     path = out / shard["name"]
     return bool(entry) and entry.get("inputs") == shard["inputs"] and path.is_file() and sha256_file(path) == entry["sha256"]
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="t2f shards", description="Build or verify WebDataset shards.")
-    sub = parser.add_subparsers(dest="action", required=True)
-    build = sub.add_parser("build", help="write shards + manifest.json + vocab.json from a dataset")
-    build.add_argument("--source", required=True, choices=["mmcelebahq", "celebatext", "jsonl"])
-    build.add_argument("--root", help="dataset folder (mmcelebahq, celebatext)")
-    build.add_argument("--manifest", help="jsonl file, one {image, captions, split?, attributes?} per line")
-    build.add_argument("--out", help="output folder (default shards/<source>)")
-    build.add_argument("--resolution", type=int, default=256, help="square side in pixels, Lanczos resize (default %(default)s)")
-    build.add_argument("--format", default="png", choices=["png", "jpg"],
-                       help="png is lossless; jpg is several times smaller, but JPEG artefacts alter FID against the real images (default %(default)s)")
-    build.add_argument("--quality", type=int, default=95, help="JPEG quality, jpg only (default %(default)s)")
-    build.add_argument("--shard-size", type=int, default=250,
-                       help="samples per shard; a training run needs at least ranks x loader workers shards per split (default %(default)s)")
-    build.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes writing shards (default %(default)s)")
-    build.add_argument("--limit", type=int, help="keep only the first N ids of each split (quick subsets)")
-    build.add_argument("--min-captions", type=int, help="fewer captions is bad input (default 10 for the CelebA sets, 1 for jsonl)")
-    build.add_argument("--skip-bad", action="store_true", help="leave bad samples out and record them in the manifest")
-    build.add_argument("--text-encoder", help="also store frozen text features (hub id or local folder), fp16")
-    build.add_argument("--text-device", default="cpu", help="device for --text-encoder (cpu, cuda)")
-    build.add_argument("--local-files-only", action="store_true", help="never download the text encoder")
-    build.add_argument("--num-slices", type=int, help="array jobs (slurm/shards.sbatch): split the shards into N slices")
-    step = build.add_mutually_exclusive_group()
-    step.add_argument("--slice", type=int, help="write only slice I of N (shards whose index %% N == I); no manifest")
-    step.add_argument("--finalize", action="store_true", help="once all N slices are done: check them, write the manifest")
-    verify = sub.add_parser("verify", help="re-check every shard's sample count and sha256 against manifest.json")
-    verify.add_argument("out", help="shard folder holding manifest.json")
-    return parser
-
-
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        return _build(args) if args.action == "build" else _verify(args)
-    except (SourceError, BadInputError, FileNotFoundError, ValueError) as err:
-        print(f"t2f shards {args.action}: {err}", file=sys.stderr)
-        return 1
-
-
-def _build(args) -> int:
-    readers = {"mmcelebahq": read_mmcelebahq, "celebatext": read_celebatext, "jsonl": read_jsonl}
-    where = args.manifest if args.source == "jsonl" else args.root
-    if not where:
-        raise SourceError(f"--source {args.source} needs {'--manifest FILE' if args.source == 'jsonl' else '--root DIR'}")
-    check_slice_args(args.num_slices, args.slice, args.finalize)
-    data = readers[args.source](where, limit=args.limit)
-    encoder = _text_encoder(args) if args.text_encoder else None
-    min_captions = args.min_captions or (1 if args.source == "jsonl" else 10)
-    # the options of the equivalent local build, so an array job's manifest is the same
-    options = {k: v for k, v in vars(args).items() if k not in ("action", "workers", "num_slices", "slice", "finalize")}
-    out = args.out or f"shards/{args.source}"
-    manifest = build_shards(data.samples, out, resolution=args.resolution, fmt=args.format, quality=args.quality,
-                            shard_size=args.shard_size, workers=args.workers, text_encoder=encoder, limit=args.limit,
-                            skip_bad=args.skip_bad, min_captions=min_captions, attribute_names=data.attribute_names,
-                            source=args.source, bad=data.bad, options=options, num_slices=args.num_slices,
-                            slice_index=args.slice, finalize=args.finalize)
-    if args.slice is not None:
-        print(f"wrote slice {args.slice} of {args.num_slices} ({len(manifest['shards'])} shards) in {out}; "
-              f"when every slice is done: the same command with --num-slices {args.num_slices} --finalize")
-        return 0
-    counts = ", ".join(f"{k}: {v['count']} in {len(v['shards'])} shards" for k, v in manifest["splits"].items())
-    print(f"wrote {out}/{MANIFEST_NAME} ({counts}; {len(manifest['skipped'])} skipped)")
-    return 0
-
-
-def _text_encoder(args):
-    if args.finalize:  # the manifest needs only its name (the slices stored the features)
-        from types import SimpleNamespace
-
-        return SimpleNamespace(name=args.text_encoder)
-    import torch
-
-    from t2f.models.text_encoder import TextEncoder
-
-    dtype = torch.float16 if args.text_device.startswith("cuda") else torch.float32
-    return TextEncoder(args.text_encoder, local_files_only=args.local_files_only, device=args.text_device, dtype=dtype)
-
-
-def _verify(args) -> int:
-    problems = verify_shards(args.out)
-    for line in problems:
-        print(line, file=sys.stderr)
-    print(f"{args.out}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
-    return 1 if problems else 0

@@ -9,7 +9,7 @@ A slice leaves no manifest.json and no vocab.json; it keeps a record in OUT, rew
 every shard so a re-run (and the finalize step) knows what is done:
 
     OUT/.slice-I-of-N.json  {"format": "t2f-shard-slice", "slice": I, "num_slices": N,
-                             "complete": true, "text_dim": 512 | null,
+                             "complete": true, "text": {"dim": 512, "probe": {...}} | null,
                              "shards": [{"name", "count", "sha256", "inputs", "bytes", "skipped"?}]}
 
 `--finalize` takes the sha256 from the records instead of hashing every shard again (the slice
@@ -55,8 +55,9 @@ def record_path(out: Path, index: int, count: int) -> Path:
     return Path(out) / f".slice-{index}-of-{count}.json"
 
 
-def write_record(out: Path, index: int, count: int, shards: list, entries: dict, text_dim, complete: bool) -> dict:
-    """Save what slice `index` has written so far (its `shards` that have an entry, in plan order)."""
+def write_record(out: Path, index: int, count: int, shards: list, entries: dict, text, complete: bool) -> dict:
+    """Save what slice `index` has written so far (its `shards` that have an entry, in plan order)
+    and `text`, its description of the text features (t2f/data/writer.py), for the manifest."""
     rows = []
     for shard in shards:
         entry = entries.get(shard["name"])
@@ -64,7 +65,7 @@ def write_record(out: Path, index: int, count: int, shards: list, entries: dict,
             row = {k: entry[k] for k in RECORD_KEYS if entry.get(k)}
             rows.append(dict(row, bytes=(Path(out) / shard["name"]).stat().st_size))
     record = {"format": RECORD_FORMAT, "slice": index, "num_slices": count, "complete": complete,
-              "text_dim": text_dim, "shards": rows}
+              "text": text, "shards": rows}
     write_json_atomic(record_path(out, index, count), record)
     return record
 
@@ -95,10 +96,11 @@ def remove_records(out: Path) -> None:
 
 
 def collect_slices(out: Path, plan: list, count: int):
-    """({shard name: entry} for the whole plan, text_dim) from the N slice records, or a SliceError
-    naming every slice that did not finish and what is wrong with its shards."""
+    """({shard name: entry} for the whole plan, text) from the N slice records (text: the first
+    slice's description of the text features, or None), or a SliceError naming every slice that
+    did not finish and what is wrong with its shards."""
     out = Path(out)
-    entries, dims, problems = {}, [], []
+    entries, texts, problems = {}, [], []
     for index in range(count):
         path = record_path(out, index, count)
         try:
@@ -110,7 +112,7 @@ def collect_slices(out: Path, plan: list, count: int):
             problems.append(f"slice {index}: no record {path.name} (it never ran, or failed before planning: see its job output); "
                             f"its shards: {_names(shards)}")
             continue
-        dims.append(record.get("text_dim"))
+        texts.append(record.get("text"))
         rows = {row["name"]: row for row in record.get("shards", [])}
         bad = [f"{s['name']} ({why})" for s in shards if (why := _shard_problem(out, s, rows.get(s["name"])))]
         if bad or not record.get("complete"):
@@ -122,7 +124,7 @@ def collect_slices(out: Path, plan: list, count: int):
         raise SliceError(f"{len(problems)} of {count} slice(s) did not finish in {out}:\n  " + "\n  ".join(problems)
                          + "\nre-run each with the same arguments and `--num-slices "
                          f"{count} --slice I` (its finished shards are kept), then --finalize again")
-    return entries, next((d for d in dims if d is not None), None)
+    return entries, next((t for t in texts if t is not None), None)
 
 
 def _shard_problem(out: Path, shard: dict, row):

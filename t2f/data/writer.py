@@ -5,6 +5,7 @@ SampleSpecs) into `OUT/<split>-NNNNNN.tar`: written under a temporary name and r
 complete, with tar headers that carry no time stamps, so the same inputs give the same bytes.
 """
 
+import base64
 import io
 import json
 import os
@@ -16,22 +17,37 @@ from t2f.data.sources import tar_key
 VOCAB_NAME = "vocab.json"
 
 
-def encode_captions(text_encoder, todo, progress):
+def text_settings(text_encoder):
+    """What the caller asked the encoder for (name, pooling, max_length: None when it does not
+    say), part of every shard's inputs: other settings give other features."""
+    if text_encoder is None:
+        return None
+    return {"name": text_encoder.name, "pooling": getattr(text_encoder, "pooling", None),
+            "max_length": getattr(text_encoder, "max_length", None)}
+
+
+def describe_text_features(text_encoder, caption: str) -> dict:
+    """{dim, probe}: the features of one caption of the set, which a trainer re-encodes with its own
+    encoder to tell whether it would give the same features (t2f/data/manifest.py)."""
+    row = text_encoder.encode([caption]).float().cpu().numpy().astype("<f2")[0]  # (D,)
+    return {"dim": int(row.shape[0]), "probe": {"caption": caption, "float16": base64.b64encode(row.tobytes()).decode()}}
+
+
+def encode_captions(text_encoder, todo, progress) -> dict:
     """{id: (n_captions, D) float16} for the shards to write, encoded once in this process."""
     if text_encoder is None:
-        return {}, None
+        return {}
     from tqdm import tqdm
 
     specs = [s for shard in todo for s in shard["specs"]]
-    features, dim = {}, getattr(text_encoder, "dim", None)
+    features = {}
     for start in tqdm(range(0, len(specs), 64), desc="encoding captions", disable=not progress or not specs):
         chunk = specs[start:start + 64]
         flat = [c for s in chunk for c in s.captions]
         rows = text_encoder.encode(flat).float().cpu().numpy().astype("float16")  # (n, D)
-        dim = rows.shape[1]
         for s in chunk:
             features[s.id], rows = rows[:len(s.captions)], rows[len(s.captions):]
-    return features, dim
+    return features
 
 
 def write_shards(out, todo, features, head, skip_bad, workers, progress):
