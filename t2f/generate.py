@@ -39,8 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", dest="captions_file", help="text file with one caption per line (blank lines ignored)")
     p.add_argument("--n", type=int, default=4, help="images per caption (default 4)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--truncation", type=float, default=1.0,
-                   help="truncation psi towards the average w, from 0 (average face) to 2 (default 1.0 = none)")
+    p.add_argument("--truncation", type=float, default=None,
+                   help="truncation psi towards the average w, from 0 (average face) to 2 (1 = none); "
+                        "default: the checkpoint's generator.truncation_psi, as in its sample grids")
+    p.add_argument("--no-ema", action="store_true",
+                   help="draw with the trained CA head and mapper even when the checkpoint keeps their EMA")
     p.add_argument("--out", help="grid PNG path (default grid.png unless --out-dir is given)")
     p.add_argument("--out-dir", help="also write one PNG per image into this folder")
     p.add_argument("--read-back", action="store_true", help="write the recaptioner's reading under each image")
@@ -174,12 +177,14 @@ def main(argv=None) -> int:
     try:
         if args.n < 1:
             raise UsageError(f"--n must be at least 1, got {args.n}")
-        check_truncation(args.truncation)
+        if args.truncation is not None:
+            check_truncation(args.truncation)
         captions = read_captions(args)
         grid, folder = check_outputs(args)
-        pipeline = load_pipeline(args.ckpt, device=_device(args.device), overrides=args.set)
+        pipeline = load_pipeline(args.ckpt, device=_device(args.device), overrides=args.set, use_ema=not args.no_ema)
+        psi = check_truncation(pipeline.cfg.generator.truncation_psi if args.truncation is None else args.truncation)
         shown = cut_to_window(pipeline, captions)
-        images = pipeline.generate(captions, n=args.n, seed=args.seed, truncation_psi=args.truncation).cpu()
+        images = pipeline.generate(captions, n=args.n, seed=args.seed, truncation_psi=psi).cpu()
         subcaptions = pipeline.read_back(images) if args.read_back else None
         write_images(images, shown, args.n, grid, folder, subcaptions)
     except (UsageError, CheckpointNotFound, PipelineError, ConfigError, TextEncoderError, CheckpointError,

@@ -30,13 +30,14 @@ from t2f.checkpointing import (CheckpointWriteError, RunDirError, hold_run_dir, 
                                refuse_fresh_start, resolve_checkpoint, save_checkpoint)
 from t2f.config import ConfigError, load_config, save_config
 from t2f.data.loader import DataAccounting, DataFaultError
+from t2f.exit_status import BAD_INPUT, requeue_status
 from t2f.monitor import Monitor, init_tracking
 from t2f.trainer.optim import is_joint, learning_rate, make_optimizer, set_learning_rate
 
-# "Stopped by a signal after a clean checkpoint": slurm/train.sbatch requeues the job on it. Defined
-# in ./launch (T2F_REQUEUE_EXIT, sysexits' EX_TEMPFAIL); the default serves runs started without it.
-REQUEUE_EXIT_CODE = int(os.environ.get("T2F_REQUEUE_EXIT", "75"))
-BAD_INPUT_EXIT_CODE = 2
+# "Stopped by a signal after a clean checkpoint" (slurm/train.sbatch requeues the job on it) and
+# "bad input": t2f/exit_status.py carries both past `accelerate launch` to ./launch.
+REQUEUE_EXIT_CODE = requeue_status()
+BAD_INPUT_EXIT_CODE = BAD_INPUT
 
 
 class BadInput(Exception):
@@ -104,15 +105,18 @@ def make_accelerator(cfg, cpu: bool):
 
 def build_parts(cfg, device):
     """Frozen text encoder and generator, vocabulary, and the trainable TextToFace."""
-    from t2f.data.manifest import read_manifest
+    from t2f.data.manifest import check_text_features, read_manifest
     from t2f.data.vocab import Vocab
     from t2f.inference import build_models
     from t2f.models.text_encoder import TextEncoderError
     from t2f.models.weights import CheckpointError
 
     try:
-        vocab = Vocab.load(cfg.recaptioner.vocab or Path(cfg.data.shards) / read_manifest(cfg.data.shards)["vocab"])
+        manifest = read_manifest(cfg.data.shards)
+        vocab = Vocab.load(cfg.recaptioner.vocab or Path(cfg.data.shards) / manifest["vocab"])
         text_encoder, generator, model = build_models(cfg, len(vocab), device)
+        # stored features must be what text.* would compute, or training and sampling disagree
+        check_text_features(manifest, cfg.text, cfg.data.use_precomputed_text, encoder=text_encoder)
     except (OSError, ValueError, CheckpointError, TextEncoderError) as err:
         raise BadInput(str(err)) from None
     return text_encoder, generator, vocab, model
@@ -405,4 +409,6 @@ def _finish(accelerator, monitor, code: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from t2f.exit_status import run
+
+    sys.exit(run(main))  # under ./launch: the status goes to the launcher, accelerate stays quiet

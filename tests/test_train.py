@@ -7,6 +7,7 @@ import json
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -256,3 +257,62 @@ def test_training_renders_with_the_configured_noise_mode(tiny, tmp_path):
                                                   with_kwargs=True)
     TrainingLoss(cfg.loss)(model, s, batch["tokens"], batch["image"])
     assert seen == ["random"]
+
+
+def _saved_generator(tmp_path, overrides):
+    """The tiny random generator saved as a file, so `t2f generate` draws with the same one."""
+    from t2f.models.generator import architecture_from_config, build_generator
+    from t2f.models.weights import save_generator
+
+    torch.manual_seed(0)
+    generator = build_generator(architecture_from_config(load_config("toy", overrides).generator), impl="ref")
+    weights, _ = save_generator(generator, tmp_path / "generator")
+    return [f"generator.checkpoint={weights}", "generator.impl=ref"]
+
+
+def test_a_sample_grid_is_what_t2f_generate_draws_from_that_checkpoint(tiny, tmp_path):
+    from PIL import Image
+
+    from t2f import generate
+
+    overrides = tiny("grid", 2)
+    overrides += _saved_generator(tmp_path, overrides) + [
+        "train.sample_every=2", "train.sample_captions=2", "train.samples_per_caption=2", "train.seed=3",
+        "train.ema_decay=0.5", "generator.truncation_psi=0.6", "optim.lr=5e-2"]
+    assert train.main(["--config", "toy", *overrides]) == 0
+    run = tmp_path / "grid"
+    captions = json.loads((run / "samples" / "step-00000002.json").read_text())["captions"]
+    out = tmp_path / "generated.png"
+    # --truncation defaults to the checkpoint's generator.truncation_psi; the EMA is used by default.
+    assert generate.main(["--ckpt", str(run), *captions, "--n", "2", "--seed", "3", "--read-back",
+                          "--device", "cpu", "--out", str(out)]) == 0
+    trained = np.asarray(Image.open(run / "samples" / "step-00000002.png"))
+    assert np.array_equal(np.asarray(Image.open(out)), trained)
+    assert generate.main(["--ckpt", str(run), *captions, "--n", "2", "--seed", "3", "--read-back", "--no-ema",
+                          "--device", "cpu", "--out", str(out)]) == 0
+    assert not np.array_equal(np.asarray(Image.open(out)), trained)  # the grid did use the EMA
+
+
+def test_the_ema_is_saved_resumed_exactly_and_lags_the_weights(tiny, tmp_path, monkeypatch):
+    ema = ["train.ema_decay=0.9", "train.ckpt_every=3", "optim.lr=1e-2"]
+    assert train.main(["--config", "toy", *tiny("straight", 6), *ema]) == 0
+    original_step = train.Monitor.step
+
+    def crash_at_4(self, step):
+        original_step(self, step)
+        if step == 4:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(train.Monitor, "step", crash_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--config", "toy", *tiny("crashed", 6), *ema])
+    monkeypatch.setattr(train.Monitor, "step", original_step)
+    assert train.main(["--config", "toy", *tiny("crashed", 6), *ema]) == 0  # resumes from step 3
+
+    straight = load_file(str(latest_checkpoint(tmp_path / "straight") / "ema.safetensors"))
+    resumed = load_file(str(latest_checkpoint(tmp_path / "crashed") / "ema.safetensors"))
+    assert straight.keys() == resumed.keys() and any(k.startswith("mapping.") for k in straight)
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+    live = final_weights(tmp_path / "straight")
+    assert not torch.equal(straight["ca.fc.weight"], live["ca.fc.weight"])  # an average, not a copy
