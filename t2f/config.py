@@ -70,8 +70,8 @@ class GeneratorConfig:
 
 @dataclass(frozen=True)
 class RecaptionerConfig:
-    encoder: str = "resnet101"  # resnet101 | small (random init, trains) | toy (frozen toy-world backbone)
-    encoder_weights: str = ""  # local weights file; empty = torch hub cache (resnet101) or the shipped toy backbone
+    encoder: str = "resnet101"  # resnet101 | small (random init, trains) | frozen_cnn (pretrained conv stack, frozen)
+    encoder_weights: str = ""  # resnet101: file (empty = torch hub cache; random = random init, benchmarks only); frozen_cnn: its .safetensors (+ .json beside it)
     finetune_encoder: bool = False  # train the top CNN block too
     feature_grid: int = 14  # L = grid^2 feature vectors
     input_size: int = 224

@@ -6,7 +6,8 @@ Reductions (chosen so the numbers do not depend on batch size or caption length)
 - `kl_divergence`: averaged over the latent dimensions and the batch, as StackGAN's reference
   code computes it (a mean over all elements). A sum over dimensions would weigh the prior 512x
   (32x in the toy world) more against the caption loss and pin the CA head to N(0, I): in the
-  toy world the text then never reached z (KL stayed ~0.15, caption loss on generated faces flat).
+  toy world the text then never reached z (the KL term stayed near its floor and the caption
+  loss on generated faces stayed flat).
 - `caption_cross_entropy`: averaged over the real (non-<pad>) target tokens of the whole batch.
   METHOD writes a sum over tokens; the mean only rescales it, and keeps λ2 = 5 meaningful for
   captions of any length.
@@ -22,7 +23,7 @@ Reductions (chosen so the numbers do not depend on batch size or caption length)
 import torch
 import torch.nn.functional as F
 
-from t2f.data.vocab import PAD
+from t2f.tokens import PAD
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

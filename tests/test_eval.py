@@ -1,5 +1,6 @@
-"""Evaluation: FID through clean-fid with cached real statistics, LPIPS from local weight files, and
-`t2f eval` end to end on a tiny checkpoint, in one process and in two under `accelerate launch`."""
+"""Evaluation: FID through clean-fid with cached real statistics, LPIPS from local weight files,
+`t2f eval` end to end on a tiny checkpoint, in one process and in two under `accelerate launch`,
+and metrics that plugins register (the toy world's, added on toy shards without being asked)."""
 
 import json
 import os
@@ -170,7 +171,8 @@ def eval_setup(tmp_path_factory):
     run = tiny_checkpoint(tmp)
     alex, linear = _lpips_files(tmp)
     classifier = save_classifier(_calibrated_classifier(AttributeClassifier(width=8, feature_dim=4)), tmp / "toy", {})
-    args = ["--ckpt", str(run), "--device", "cpu", "--metrics", "toy_fid,attributes,lpips,diversity,bleu",
+    args = ["--ckpt", str(run), "--device", "cpu", "--plugin", "t2f.toy.metrics",
+            "--metrics", "toy_fid,attributes,lpips,diversity,bleu",
             f"eval.lpips_alexnet={alex}", f"eval.lpips_linear={linear}", f"eval.toy_classifier={classifier}",
             "eval.batch_size=3"]
     return tmp, args
@@ -278,3 +280,59 @@ def test_toy_attribute_metric_comes_with_a_per_attribute_breakdown(eval_setup, t
     breakdown = record["attribute_accuracy_per_attribute"]
     assert list(breakdown) == list(ATTRIBUTES)
     assert sum(breakdown.values()) / len(breakdown) == pytest.approx(record["metrics"]["attribute_accuracy"])
+
+
+# ---------------------------------------------------------------------------- metrics registered by plugins
+
+
+@pytest.fixture
+def builtin_metrics_only(monkeypatch):
+    """A registry as in a fresh `t2f eval` process: built-in metrics only, the toy plugin not imported yet."""
+    import sys
+
+    from t2f.eval import hooks
+
+    builtin = {name: m for name, m in hooks.registered().items() if name in ("fid", "lpips", "diversity", "bleu")}
+    monkeypatch.setattr(hooks, "_REGISTRY", builtin)
+    monkeypatch.delitem(sys.modules, "t2f.toy.metrics", raising=False)
+
+
+def _as_toy_shards(shards: Path, out: Path) -> Path:
+    """A copy of `shards` whose manifest says what toy shards say: source toy, the toy metrics' plugin."""
+    import shutil
+
+    from t2f.toy.dataset import METRICS_PLUGIN
+
+    shutil.copytree(shards, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["source"], manifest["options"] = "toy", {"eval_plugins": [METRICS_PLUGIN]}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_toy_shards_bring_their_metrics_to_t2f_eval(eval_setup, tmp_path, builtin_metrics_only):
+    from t2f.eval import evaluate
+
+    tmp, args = eval_setup
+    shards = _as_toy_shards(tmp / "shards", tmp_path / "toy-shards")
+    plain = [a for a in args if a not in ("--plugin", "t2f.toy.metrics")]
+    out = tmp_path / "toy.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # clean-fid's sqrtm on tiny covariances
+        assert evaluate.main(plain + ["--metrics", "bleu", "--shards", str(shards), "--out", str(out),
+                                      f"eval.stats_cache={tmp_path / 'cache'}"]) == 0
+    record = json.loads(out.read_text())
+    assert set(record["metrics"]) == {"bleu4", "attribute_accuracy", "attribute_exact_match", "toy_fid"}
+    assert "toy classifier" in record["protocol"]["attributes"] and record["attribute_accuracy_per_attribute"]
+
+
+def test_a_worlds_metric_without_its_plugin_is_a_one_line_error(eval_setup, capsys, builtin_metrics_only):
+    from t2f.eval import evaluate
+
+    tmp, args = eval_setup
+    plain = [a for a in args if a not in ("--plugin", "t2f.toy.metrics")]
+    assert evaluate.main(plain + ["--metrics", "attributes"]) == 2  # tiny shards: not toy shards
+    err = capsys.readouterr().err
+    assert "unknown metric(s) ['attributes']" in err and "--plugin MODULE" in err and "Traceback" not in err
+    assert evaluate.main(plain + ["--plugin", "t2f.nowhere"]) == 2
+    assert "eval plugin 't2f.nowhere' cannot be imported" in capsys.readouterr().err

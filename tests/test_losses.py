@@ -3,8 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from t2f.data.vocab import PAD
 from t2f.losses import attention_penalty, caption_cross_entropy, kl_divergence, text_reconstruction_loss
+from t2f.tokens import PAD
 
 
 def test_kl_is_zero_at_the_prior_and_positive_elsewhere():

@@ -1,6 +1,10 @@
 """Recaptioner: overfits toy pairs, decodes them back, passes gradients to images, loads ResNet-101
-offline and the toy world's frozen backbone."""
+offline (or random weights of its shapes) and any frozen CNN described beside its weights, such as
+the toy world's backbone."""
 
+import dataclasses
+import json
+import shutil
 import time
 
 import numpy as np
@@ -11,7 +15,8 @@ from t2f.config import RecaptionerConfig
 from t2f.data.vocab import Vocab
 from t2f.eval.captions import bleu4, recaptioner_bleu4
 from t2f.losses import text_reconstruction_loss
-from t2f.models.recaptioner import RESNET101_FILES, Recaptioner
+from t2f.models.image_encoders import RESNET101_FILES
+from t2f.models.recaptioner import Recaptioner
 from t2f.toy.classifier import BACKBONE, images_to_tensor, load_classifier
 from t2f.toy.render import sample_batch
 
@@ -153,10 +158,24 @@ def test_resnet101_missing_weights_error_names_files_and_fix(tmp_path, monkeypat
         Recaptioner(resnet_cfg(encoder_weights=str(tmp_path / "nowhere.pth")), vocab_size=10)
 
 
-def test_toy_encoder_is_the_frozen_backbone_not_the_judge():
-    cfg = RecaptionerConfig(encoder="toy", feature_grid=4, input_size=64, embed_dim=16, hidden_dim=16,
-                            attention_dim=16)
-    model = Recaptioner(cfg, vocab_size=10).train()
+def test_resnet101_random_weights_need_no_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))  # no hub cache either
+    model = Recaptioner(resnet_cfg(encoder_weights="random"), vocab_size=10)
+    assert model.encode_images(torch.rand(1, 3, 64, 64) * 2 - 1).shape == (1, 4, 2048)
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+
+
+def frozen_cfg(weights) -> RecaptionerConfig:
+    return RecaptionerConfig(encoder="frozen_cnn", encoder_weights=str(weights), feature_grid=4, input_size=64,
+                             embed_dim=16, hidden_dim=16, attention_dim=16)
+
+
+def test_toy_preset_encoder_is_the_frozen_backbone_not_the_judge():
+    from t2f.config import load_config
+
+    cfg = load_config("toy").recaptioner
+    assert (cfg.encoder, cfg.encoder_weights) == ("frozen_cnn", str(BACKBONE))
+    model = Recaptioner(dataclasses.replace(cfg, embed_dim=16, hidden_dim=16, attention_dim=16), vocab_size=10).train()
     backbone, judge = load_classifier(BACKBONE), load_classifier()
     conv = model.encoder.body[0].weight
     assert torch.equal(conv, backbone.convs[0].weight) and not torch.equal(conv, judge.convs[0].weight)
@@ -172,3 +191,34 @@ def test_toy_encoder_is_the_frozen_backbone_not_the_judge():
     assert torch.allclose(feats, backbone.convs(images.detach()).flatten(2).transpose(1, 2), atol=1e-5)
     feats.sum().backward()
     assert images.grad.abs().sum() > 0  # the mapper learns through it
+
+
+def test_frozen_cnn_initialises_the_decoder_as_the_whole_classifier_did():
+    """The demo's numbers depend on the random stream: the decoder after the encoder must start the
+    same as when the toy encoder was built by constructing the whole toy classifier."""
+    from t2f.toy.classifier import AttributeClassifier
+
+    torch.manual_seed(0)
+    AttributeClassifier()  # what the toy encoder used to build before the decoder
+    expected = torch.nn.Embedding(10, 16).weight  # the decoder's first layer
+    torch.manual_seed(0)
+    model = Recaptioner(frozen_cfg(BACKBONE), vocab_size=10)
+    assert torch.equal(model.embed.weight, expected)
+
+
+def test_frozen_cnn_errors_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="encoder_weights=<file>.safetensors"):
+        Recaptioner(frozen_cfg(""), vocab_size=10)
+    with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
+        Recaptioner(frozen_cfg(tmp_path / "nowhere.safetensors"), vocab_size=10)
+    weights = tmp_path / "cnn.safetensors"
+    shutil.copy(BACKBONE, weights)
+    with pytest.raises(ValueError, match="cnn.json: missing"):  # no description beside the weights
+        Recaptioner(frozen_cfg(weights), vocab_size=10)
+    info = json.loads(BACKBONE.with_suffix(".json").read_text())
+    info["frozen_cnn"]["heads"] = ["hidden"]  # the file also holds "head": it does not match
+    weights.with_suffix(".json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="do not match"):
+        Recaptioner(frozen_cfg(weights), vocab_size=10)
+    with pytest.raises(ValueError, match="'toy' is now frozen_cnn"):  # configs saved before the rename
+        Recaptioner(dataclasses.replace(frozen_cfg(weights), encoder="toy"), vocab_size=10)

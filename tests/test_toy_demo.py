@@ -24,6 +24,7 @@ def test_toy_shards_are_real_shards_with_features_and_attributes(tmp_path):
 
     manifest = build_toy_shards(tmp_path / "toy", train=20, test=8, progress=False)
     assert manifest["source"] == "toy" and manifest["attributes"] == list(ATTRIBUTES)
+    assert manifest["options"]["eval_plugins"] == ["t2f.toy.metrics"]  # `t2f eval` adds the toy metrics
     assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 20, "test": 8}
     vocab = Vocab.load(tmp_path / "toy" / "vocab.json")
     batch = next(iter(make_eval_loader(tmp_path / "toy", "test", batch_size=8, resolution=64, vocab=vocab)))

@@ -208,6 +208,24 @@ def test_classifier_command_is_seeded_and_writes_loadable_weights(tmp_path):
         assert torch.equal(pa, pb), name
     info = json.loads((tmp_path / "a" / "classifier.json").read_text())
     assert info["attributes"] == list(ATTRIBUTES) and "per_attribute" in info["accuracy"]
+    from t2f.models.image_encoders import FrozenCNN
+
+    assert FrozenCNN(str(tmp_path / "a" / "classifier.safetensors"), grid=4).out_dim == a.hidden.in_features
+
+
+@pytest.mark.parametrize("weights", ["assets/classifier.safetensors", "assets/backbone/classifier.safetensors"])
+def test_shipped_classifiers_describe_their_convolutions_for_a_frozen_cnn(weights):
+    """recaptioner.encoder=frozen_cnn rebuilds a classifier's convolutions from the file alone."""
+    from pathlib import Path
+
+    from t2f.models.image_encoders import FrozenCNN
+
+    path = Path(__file__).resolve().parent.parent / "t2f" / "toy" / weights
+    classifier, encoder = load_classifier(path), FrozenCNN(str(path), grid=4)
+    x = images_to_tensor(np.stack([render(*face) for face in _faces(3, 2)]))  # (2, 3, 64, 64) in [-1, 1]
+    with torch.no_grad():
+        assert torch.equal(encoder(x), classifier.convs(x))  # 64 px in, 4x4 grid out: pooling keeps it
+    assert encoder.out_dim == classifier.hidden.in_features and encoder.input_mean == (0.5, 0.5, 0.5)
 
 
 def test_render_command_writes_a_grid(tmp_path, capsys):

@@ -316,3 +316,23 @@ def test_the_ema_is_saved_resumed_exactly_and_lags_the_weights(tiny, tmp_path, m
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
     live = final_weights(tmp_path / "straight")
     assert not torch.equal(straight["ca.fc.weight"], live["ca.fc.weight"])  # an average, not a copy
+
+
+@pytest.mark.parametrize("bad", [
+    ["train.nope=1"],  # unknown key
+    ["train.steps=many"],  # wrong type
+    ["--config", "no-such-preset"],
+    ["data.shards=/no/such/shards"],
+    ["data.train_split=nosuch"],  # a split the shards do not have: nothing to train on
+    ["generator.checkpoint=/no/such/ffhq.pkl"],
+    ["text.encoder=/no/such/encoder"],
+    ["data.max_bad_fraction=3"],
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, capsys, bad):
+    config = bad[1] if bad[0] == "--config" else "toy"
+    overrides = tiny("bad", 2) + [o for o in bad if o != "--config" and o != config]
+    capsys.readouterr()  # the fixture's own output
+    assert train.main(["--config", config, *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("t2f train: ") and "Traceback" not in err[0], err
+    assert not (tmp_path / "bad").exists()  # the run directory is made only once the input checked out

@@ -2,7 +2,8 @@
 
 import pytest
 
-from t2f.data.vocab import BOS, EOS, PAD, UNK, Vocab, tokenize
+from t2f.data.vocab import Vocab, tokenize
+from t2f.tokens import BOS, EOS, PAD, SPECIALS, UNK
 
 CAPTIONS = [
     "The woman has blond hair and wears lipstick.",
@@ -82,3 +83,12 @@ def test_save_load_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text('{"hello": 1}')
     with pytest.raises(ValueError, match="not a t2f vocabulary"):
         Vocab.load(tmp_path / "bad.json")
+
+
+def test_the_vocabulary_writes_the_shared_special_ids():
+    """The recaptioner decodes from BOS to EOS and the loss skips PAD by t2f.tokens' ids: a vocabulary
+    must put its specials exactly there."""
+    vocab = Vocab.build(CAPTIONS)
+    assert [vocab.itos[i] for i in (PAD, BOS, EOS, UNK)] == list(SPECIALS) == ["<pad>", "<bos>", "<eos>", "<unk>"]
+    ids = vocab.encode("the woman zebra")
+    assert (ids[0], ids[-1], ids[-2]) == (BOS, EOS, UNK)

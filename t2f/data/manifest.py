@@ -12,7 +12,8 @@
           "probe": {"caption": "...", "float16": "<base64>"}},
       "attributes": ["5_o_Clock_Shadow", ...],   # names, in column order; [] when unknown
       "vocab": "vocab.json",            # beside the manifest; built from train captions only
-      "options": {...},                 # the build command's options, for the record
+      "options": {...},                 # the build command's options, for the record; "eval_plugins":
+                                        # modules that register this world's eval metrics (t2f eval imports them)
       "splits": {"train": {"count": 24000, "shards": [
           {"name": "train-000000.tar", "count": 1000, "sha256": "...", "inputs": "...",
            "skipped": [[id, reason, split], ...]}       # skipped: only when an image failed to decode

@@ -5,7 +5,8 @@
     vocab.decode(ids)  # -> "the woman has blond hair."
 
 Tokens are lower-cased words; every punctuation mark is a token of its own. Ids 0..3 are the
-specials <pad> <bos> <eos> <unk>; every other word that was not kept at build time encodes as <unk>.
+specials <pad> <bos> <eos> <unk> (t2f/tokens.py); every other word that was not kept at build
+time encodes as <unk>.
 Build it from the training captions only, so test captions measure generalisation honestly.
 """
 
@@ -15,8 +16,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-PAD, BOS, EOS, UNK = 0, 1, 2, 3
-SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+from t2f.tokens import BOS, EOS, PAD, SPECIALS, UNK  # noqa: F401  (re-exported: callers may import them from here)
+
 FORMAT = "t2f-vocab"
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")

@@ -1,6 +1,7 @@
 """`t2f eval`: FID, LPIPS and text consistency of a checkpoint on a test split; also the periodic eval.
 
     t2f eval --ckpt runs/mmcelebahq --metrics fid,lpips --protocol one
+    t2f eval --ckpt runs/x --plugin t2f.toy.metrics --metrics attributes   # a world's metric on other shards
     accelerate launch -m t2f.eval.evaluate --ckpt runs/mmcelebahq          # every GPU takes a slice
 
     # the trainer, every train.eval_every steps, on all ranks; `hooks = EvalHooks()` made once and
@@ -16,8 +17,8 @@ What is measured (the protocol is written next to every number, in the log and i
 - lpips (paired, the paper's): generated image vs the real image of its caption; diversity:
   two samples of the same caption (t2f/eval/lpips.py);
 - bleu: the recaptioner's greedy caption of each generated image vs the caption it was made from;
-- on toy shards (manifest source 'toy'), also attributes (the toy classifier's reading vs the
-  caption's attributes) and toy_fid (FID on the toy classifier's features).
+- whatever the shards' world registers (t2f/eval/hooks.py): the manifest names the modules, which
+  may add metrics on their own shards (the toy world's attributes and toy_fid).
 
 Caption protocol: `one` generates one image from the first caption of every test image; `all`
 generates one image from every caption. Every rank reads the split in the same order and takes
@@ -38,20 +39,9 @@ from pathlib import Path
 import torch
 
 from t2f.eval.fid import FidMeter, RealStatsCache
-from t2f.eval.hooks import EvalHooks, build_hooks
+from t2f.eval.hooks import EvalHooks, Generated, build_hooks, load_plugins, manifest_plugins, registered, select_metrics
 from t2f.eval.report import PROTOCOLS, metrics_record, report
 from t2f.inference import resize_images, sample_seed
-
-METRICS = ("fid", "lpips", "diversity", "bleu", "attributes", "toy_fid")
-TOY_METRICS = ("attributes", "toy_fid")
-
-
-def parse_metrics(text: str, toy: bool) -> list[str]:
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METRICS]
-    if unknown:
-        raise ValueError(f"eval.metrics: unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
-    return names + [m for m in TOY_METRICS if toy and m not in names]
 
 
 # ---------------------------------------------------------------------------- distributed helpers
@@ -94,9 +84,10 @@ def evaluate(pipeline, *, shards=None, split=None, max_images=None, step=None, o
     """Run the metrics of `pipeline.cfg.eval` on `split` of `shards`; every rank must call it.
 
     Returns the metrics record on every rank; rank 0 writes it to `out_path` (when given) and
-    calls `log_fn({"eval/<name>": value}, step)`. `hooks` supplies feature extractors, the LPIPS
-    model and the attribute scorer (built from the config when missing); with `skip_missing`, a
-    metric whose weights are not on disk is skipped with a warning instead of raising.
+    calls `log_fn({"eval/<name>": value}, step)`. `hooks` supplies the metrics' parts (feature
+    extractors, the LPIPS model, scorers; built from the config when missing); with
+    `skip_missing`, a metric whose weights are not on disk is skipped with a warning instead of
+    raising. The shards' manifest names the plugins that register their world's metrics.
     """
     from t2f.data.loader import make_eval_loader, read_manifest
 
@@ -106,7 +97,8 @@ def evaluate(pipeline, *, shards=None, split=None, max_images=None, step=None, o
     if e.protocol not in PROTOCOLS:
         raise ValueError(f"eval.protocol must be one of {', '.join(PROTOCOLS)}, got {e.protocol!r}")
     manifest = read_manifest(shards)
-    metrics = parse_metrics(e.metrics, toy=manifest.get("source") == "toy")
+    load_plugins(manifest_plugins(manifest))
+    metrics = select_metrics(e.metrics, manifest)
     hooks, skipped = build_hooks(cfg, pipeline.device, metrics, hooks, skip_missing)
     skipped = {m: why for m, why in skipped.items() if m in metrics}
     metrics = [m for m in metrics if m not in skipped]
@@ -124,12 +116,11 @@ def evaluate(pipeline, *, shards=None, split=None, max_images=None, step=None, o
     parts = _gather((records, {name: m.moments() for name, m in meters.items()}), world)
     result = None
     if rank == 0:
-        values = _combine(parts, meters, metrics)
+        values, details = _combine(parts, meters, metrics)
         generated = sum(len(r) for r, _ in parts)
         result = metrics_record(pipeline, values, metrics, skipped, seen, data_id, shards, step,
                                 time.perf_counter() - tic, meters, generated)
-        if "attributes" in metrics:
-            result["attribute_accuracy_per_attribute"] = _attribute_breakdown(parts)
+        result.update(details)
         report(result, out_path, log_fn)
     return _broadcast(result, world)
 
@@ -144,8 +135,8 @@ def _split_digest(manifest: dict, split: str) -> str:
 
 def _fid_meters(hooks, metrics, data_id, stats_cache, world) -> dict:
     cache = RealStatsCache(stats_cache or None)
-    extractors = {"fid": hooks.fid_extractor, "toy_fid": hooks.toy_extractor}
-    meters = {name: FidMeter(extractors[name], data_id, cache) for name in ("fid", "toy_fid") if name in metrics}
+    fids = [m for m in registered().values() if m.kind == "fid" and m.name in metrics]
+    meters = {m.name: FidMeter(hooks.parts[m.part_key], data_id, cache) for m in fids}
     # rank 0 alone computes and caches the real statistics: every rank follows its decision
     needs = _broadcast({name: m.needs_real for name, m in meters.items()}, world)
     for name, meter in meters.items():
@@ -205,58 +196,41 @@ def _generate(pipeline, captions, seeds, resolution):
     return resize_images(pipeline.synthesize(ws, len(seeds)), resolution)  # (B, 3, R, R)
 
 
+def _per_image(metrics) -> list:
+    return [m for m in registered().values() if m.kind == "per_image" and m.name in metrics]
+
+
 def _score(pipeline, jobs, reals, meters, hooks, metrics, resolution) -> list[dict]:
+    """One record per job, with each per-image metric's entry under the metric's name."""
     e = pipeline.cfg.eval
     captions = [caption for _, _, _, caption in jobs]
     fakes = _generate(pipeline, captions, [sample_seed(e.seed, key, c, 0) for _, key, c, _ in jobs], resolution)
     for meter in meters.values():
         meter.add_generated(fakes)
+    paired = reals[[i for i, _, _, _ in jobs]]  # (B, 3, R, R): the real image of each caption
+
+    def again():  # a second sample of each caption (other CA noise), made only if a metric asks
+        return _generate(pipeline, captions, [sample_seed(e.seed, key, c, 1) for _, key, c, _ in jobs], resolution)
+
+    generated = Generated(pipeline, fakes, captions, paired, again)
     out = [{"key": key, "caption_index": c, "caption": caption} for _, key, c, caption in jobs]
-    if "lpips" in metrics:
-        paired = reals[[i for i, _, _, _ in jobs]]  # (B, 3, R, R): the real image of each caption
-        for row, d in zip(out, hooks.lpips(fakes, paired).tolist()):
-            row["lpips"] = d
-    if "diversity" in metrics:
-        again = _generate(pipeline, captions, [sample_seed(e.seed, key, c, 1) for _, key, c, _ in jobs], resolution)
-        for row, d in zip(out, hooks.lpips(fakes, again).tolist()):
-            row["diversity"] = d
-    if "bleu" in metrics:
-        for row, text in zip(out, pipeline.read_back(fakes)):
-            row["read_back"] = text
-    if "attributes" in metrics:
-        for row, correct in zip(out, hooks.attribute_scorer(fakes, captions)):
-            row["attributes"] = correct  # list of 0/1 per attribute, or None (caption not parsable)
+    for metric in _per_image(metrics):
+        for row, entry in zip(out, metric.score(hooks.parts.get(metric.part_key), generated), strict=True):
+            row[metric.name] = entry
     return out
 
 
-def _combine(parts, meters, metrics) -> dict:
-    """Rank 0: the numbers from every rank's records and moments, independent of rank order."""
-    from t2f.eval.captions import bleu4
-
+def _combine(parts, meters, metrics) -> tuple[dict, dict]:
+    """Rank 0: (values, extra record keys) from every rank's records and moments, independent of rank order."""
     records = sorted((r for rs, _ in parts for r in rs), key=lambda r: (r["key"], r["caption_index"]))
     for name, meter in meters.items():
         meter.use_moments([moments[name] for _, moments in parts])
-    values = {name: meter.compute() for name, meter in meters.items()}
-    if "lpips" in metrics:
-        values["lpips_paired"] = math.fsum(r["lpips"] for r in records) / len(records)
-    if "diversity" in metrics:
-        values["lpips_diversity"] = math.fsum(r["diversity"] for r in records) / len(records)
-    if "bleu" in metrics:
-        values["bleu4"] = bleu4([r["read_back"] for r in records], [[r["caption"]] for r in records])
-    if "attributes" in metrics:
-        rows = [r["attributes"] for r in records if r["attributes"] is not None]
-        if rows:
-            values["attribute_accuracy"] = math.fsum(sum(row) for row in rows) / (len(rows) * len(rows[0]))
-            values["attribute_exact_match"] = sum(all(row) for row in rows) / len(rows)
-    return values
-
-
-def _attribute_breakdown(parts) -> dict:
-    """Toy world: agreement per attribute (the rows follow t2f.toy.attributes.ATTRIBUTES)."""
-    from t2f.toy.attributes import ATTRIBUTES
-
-    rows = [r["attributes"] for rs, _ in parts for r in rs if r["attributes"] is not None]
-    return {name: sum(row[i] for row in rows) / len(rows) for i, name in enumerate(ATTRIBUTES)} if rows else {}
+    values, details = {name: meter.compute() for name, meter in meters.items()}, {}
+    for metric in _per_image(metrics):
+        values.update(metric.summarise(records))
+        if metric.details is not None:
+            details.update(metric.details(records))
+    return values, details
 
 
 # ---------------------------------------------------------------------------- command line
@@ -267,7 +241,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="run directory (its latest checkpoint) or checkpoint directory")
     p.add_argument("--shards", help="shard directory (default: the checkpoint's data.shards)")
     p.add_argument("--split", help="split to evaluate (default: the checkpoint's data.eval_split)")
-    p.add_argument("--metrics", help=f"comma list of {', '.join(METRICS)} (default: eval.metrics)")
+    p.add_argument("--metrics", help=f"comma list of {', '.join(registered())} and the metrics of the shards' "
+                   "world (default: eval.metrics)")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="also import MODULE, which registers metrics (e.g. t2f.toy.metrics); repeatable")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), help="caption protocol (default: eval.protocol = one)")
     p.add_argument("--max-images", type=int, help="first N test images only (default: eval.max_images, 0 = all)")
     p.add_argument("--out", help="metrics JSON path (default: CHECKPOINT/metrics.json)")
@@ -303,6 +280,7 @@ def main(argv=None) -> int:
         state = PartialState(cpu=cpu)
         device, main_process = state.device, state.is_main_process
     try:
+        load_plugins(args.plugin)
         pipeline = load_pipeline(args.ckpt, device=device, overrides=_overrides(args))
         out = args.out or pipeline.checkpoint / "metrics.json"
         if args.recaptioner_only:

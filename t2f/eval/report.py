@@ -12,6 +12,7 @@ from pathlib import Path
 
 from t2f.checkpointing import read_state
 from t2f.config import to_dict
+from t2f.eval.hooks import registered
 
 PROTOCOLS = {"one": "one image per test image, from its first caption",
              "all": "one image per caption, every caption of every test image"}
@@ -24,28 +25,19 @@ def config_hash(cfg) -> str:
 
 
 def protocol_record(pipeline, metrics, data_id, seen: int, generated: int) -> dict:
-    from t2f.eval.captions import BLEU_PROTOCOL
-
     e, res = pipeline.cfg.eval, data_id["resolution"]
     size = f"generated {pipeline.resolution}px resized to {res}px (antialiased bicubic)" \
         if pipeline.resolution != res else f"{res}px"
     common = {"split": data_id["split"], "test_images": seen, "generated_images": generated,
               "captions": f"{e.protocol}: {PROTOCOLS[e.protocol]}", "seed": e.seed, "truncation_psi": e.truncation_psi,
               "resolution": size}
-    lines = {
-        "fid": "clean-fid mode=clean (8-bit images, PIL bicubic to 299), Inception-v3 pool3 2048-d; generated vs real",
-        "toy_fid": "clean-fid Frechet distance on the toy attribute classifier's penultimate features; generated vs real",
-        "lpips": "LPIPS v0.1 AlexNet, generated image vs the real image of its caption (the paper's pairing), mean",
-        "diversity": "LPIPS v0.1 AlexNet between two samples (different CA noise) of the same caption, mean",
-        "bleu": f"{BLEU_PROTOCOL}; recaptioner greedy decoding of each generated image vs its input caption",
-        "attributes": "toy classifier (p > 0.5) vs the attributes named by the input caption; "
-                      "accuracy over all attributes, exact match = every attribute right",
-    }
-    return {**common, **{m: lines[m] for m in metrics}}
+    known = registered()
+    return {**common, **{m: known[m].protocol for m in metrics}}
 
 
-_METRIC_OF = {"fid": "fid", "toy_fid": "toy_fid", "lpips_paired": "lpips", "lpips_diversity": "diversity",
-              "bleu4": "bleu", "attribute_accuracy": "attributes", "attribute_exact_match": "attributes"}
+def _metric_of(value_name: str) -> str:
+    """The metric that reports `value_name` (e.g. lpips_paired -> lpips)."""
+    return next(m.name for m in registered().values() if value_name in m.value_names)
 
 
 def metrics_record(pipeline, values, metrics, skipped, seen, data_id, shards, step, seconds, meters, generated) -> dict:
@@ -64,7 +56,7 @@ def report(result, out_path, log_fn) -> None:
     print(f"[t2f eval] {p['split']} split: {p['test_images']} test images, {p['generated_images']} generated; "
           f"captions {p['captions']}; seed {p['seed']}, truncation {p['truncation_psi']}, {p['resolution']}")
     for name, value in result["metrics"].items():
-        print(f"  {name:<22} {value:10.4f}   [{p[_METRIC_OF[name]]}]")
+        print(f"  {name:<22} {value:10.4f}   [{p[_metric_of(name)]}]")
     for name, why in result["skipped"].items():
         print(f"  {name:<22} {'skipped':>10}   [{why}]")
     if out_path:

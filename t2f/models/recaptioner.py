@@ -7,13 +7,10 @@
 Images come in the generator's range [-1, 1] at any resolution; every step up to the logits is
 differentiable in the image, because the mapper learns through this module.
 
-Image encoder: ResNet-101 with ImageNet weights from a local file or the torch hub cache (never
-downloaded here), cut before its pooling and classifier, pooled to a grid of L = grid² vectors of
-D = 2048. It is frozen (optionally its top block trains); its batch-norm statistics always stay
-frozen, because the small batches of this method would make batch statistics noisy. The 'small'
-encoder is a few randomly initialised convolutions with batch norm for tests; it always trains.
-The 'toy' encoder is the toy world's stand-in for the ImageNet CNN: a frozen CNN pretrained on
-toy renders (t2f/toy/assets/backbone).
+Image encoders (t2f/models/image_encoders.py): ImageNet ResNet-101 (frozen, the paper's), a small
+CNN that trains (tests), or any frozen pretrained CNN described beside its weights (the toy
+world's backbone). The encoder is cut before any pooling and classifier and pooled to a grid of
+L = grid² feature vectors.
 
 Decoder (per step k): β_k = softmax_i MLP(a_i, h_{k-1}); ẑ_k = sigmoid(W h_{k-1}) ⊙ Σ_i β_ki a_i;
 h_k = LSTM([E y_{k-1}, ẑ_k], h_{k-1}); p(y_k) ∝ exp(L_o(E y_{k-1} + L_h h_k + L_z ẑ_k)),
@@ -21,153 +18,13 @@ with h_0, c_0 predicted from the mean feature and dropout before L_o.
 """
 
 import contextlib
-import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from t2f.data.vocab import BOS, EOS
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# torchvision's file names for ResNet-101 IMAGENET1K_V1 and IMAGENET1K_V2, as they land in the hub cache
-RESNET101_FILES = ("resnet101-63fe2227.pth", "resnet101-cd907fc2.pth")
-RESNET_FEATURE_DIM = 2048
-
-
-# ---------------------------------------------------------------------------- image encoders
-
-
-def resnet101_weight_candidates(encoder_weights: str = "") -> list[Path]:
-    """The files tried, in order: `encoder_weights` when given, else the torch hub cache."""
-    if encoder_weights:
-        return [Path(os.path.expanduser(encoder_weights))]
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
-    return [cache / name for name in RESNET101_FILES]
-
-
-def load_resnet101_state(encoder_weights: str = "") -> dict:
-    """Read ImageNet ResNet-101 weights (a torch.save'd state_dict) without touching the network."""
-    tried = resnet101_weight_candidates(encoder_weights)
-    for path in tried:
-        if path.is_file():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            return state.get("state_dict", state) if isinstance(state, dict) else state
-    listing = "\n  ".join(str(p) for p in tried)
-    raise FileNotFoundError(
-        f"ResNet-101 ImageNet weights not found; tried:\n  {listing}\n"
-        "Get them on a machine with internet:\n"
-        "  python -c \"import torchvision; torchvision.models.resnet101(weights='IMAGENET1K_V1')\"\n"
-        f"then copy {Path(torch.hub.get_dir()) / 'checkpoints' / RESNET101_FILES[0]} from that machine's "
-        "torch hub cache into this one's (or set recaptioner.encoder_weights=<file>). "
-        "For a run without pretrained weights use recaptioner.encoder=small."
-    )
-
-
-class ResNetEncoder(nn.Module):
-    """ResNet-101 without its pooling and classifier, pooled to a grid×grid feature map."""
-
-    input_mean, input_std = IMAGENET_MEAN, IMAGENET_STD
-
-    def __init__(self, grid: int, encoder_weights: str = "", finetune: bool = False):
-        super().__init__()
-        import torchvision
-
-        state = load_resnet101_state(encoder_weights)  # first, so a missing file fails fast
-        net = torchvision.models.resnet101(weights=None)
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as err:
-            where = resnet101_weight_candidates(encoder_weights)
-            raise ValueError(f"weights in {where} are not a torchvision ResNet-101 state_dict: {err}") from err
-        self.body = nn.Sequential(*list(net.children())[:-2])
-        self.pool = nn.AdaptiveAvgPool2d(grid)
-        self.out_dim = RESNET_FEATURE_DIM
-        self.finetune = finetune
-        self.body.requires_grad_(False)
-        if finetune:
-            self.body[-1].requires_grad_(True)  # layer4, the top block
-        self.train(False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        # batch norm keeps ImageNet's statistics even when the top block's weights train
-        self.body.eval()
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.body(x))  # (B, 2048, grid, grid)
-
-
-class SmallEncoder(nn.Module):
-    """A few strided convolutions, randomly initialised and trained: for tests and for a recaptioner
-    without any pretrained encoder.
-
-    Batch norm after every convolution: without it a small mouth (Smiling, Mouth_Slightly_Open)
-    was never learnt in the toy demo's budget (a linear probe on this encoder after 400 steps on
-    toy renders: 0.55 -> 0.80 on Smiling, 0.57 -> 0.95 on Mouth_Slightly_Open). The generated-
-    image pass reads with the running statistics of real images (TextToFace.read_generated).
-    """
-
-    input_mean, input_std = IMAGENET_MEAN, IMAGENET_STD
-
-    def __init__(self, channels: int, grid: int):
-        super().__init__()
-        half = max(channels // 2, 1)
-
-        def conv(c_in, c_out, stride):
-            return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-
-        self.body = nn.Sequential(*conv(3, half, 2), *conv(half, channels, 2), *conv(channels, channels, 2),
-                                  *conv(channels, channels, 1))
-        self.pool = nn.AdaptiveAvgPool2d(grid)
-        self.out_dim = channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.body(x))  # (B, C, grid, grid)
-
-
-class ToyEncoder(nn.Module):
-    """The toy world's ImageNet ResNet: the convolutions of a second toy attribute classifier, frozen
-    with their batch-norm statistics (t2f/toy/assets/backbone: own seed, never the demo's judge).
-
-    Pretrained on fresh, partly blurred renders, it reads the tiny generator's soft faces far better
-    than the 'small' encoder trained on the demo's 1500 renders (a recaptioner on it reads 0.86 of
-    the attributes on generated faces, vs 0.79). Unlike ImageNet, its labels are the very
-    attributes the captions name: an easier encoder than real runs get. 64x64 in, 4x4 grid out.
-    """
-
-    input_mean, input_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the classifier reads [-1, 1]
-
-    def __init__(self, weights: str, grid: int):
-        super().__init__()
-        from t2f.toy.classifier import BACKBONE, load_classifier
-
-        classifier = load_classifier(weights or BACKBONE)
-        self.body = classifier.convs.requires_grad_(False)
-        self.pool = nn.AdaptiveAvgPool2d(grid)
-        self.out_dim = classifier.hidden.in_features
-        self.train(False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.body.eval()  # frozen statistics, as the ResNet's
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.body(x))  # (B, C, grid, grid)
-
-
-def build_image_encoder(cfg) -> nn.Module:
-    if cfg.encoder == "resnet101":
-        return ResNetEncoder(cfg.feature_grid, cfg.encoder_weights, cfg.finetune_encoder)
-    if cfg.encoder == "small":
-        return SmallEncoder(cfg.small_channels, cfg.feature_grid)
-    if cfg.encoder == "toy":
-        return ToyEncoder(cfg.encoder_weights, cfg.feature_grid)
-    raise ValueError(f"recaptioner.encoder must be 'resnet101', 'small' or 'toy', got {cfg.encoder!r}")
+from t2f.models.image_encoders import build_image_encoder
+from t2f.tokens import BOS, EOS
 
 
 # ---------------------------------------------------------------------------- decoder parts
@@ -230,7 +87,7 @@ class Recaptioner(nn.Module):
     # -- images to features
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """[-1, 1] images at any size -> anti-aliased resize to input_size -> ImageNet-normalised."""
+        """[-1, 1] images at any size -> anti-aliased resize to input_size -> normalised as the encoder expects."""
         assert images.dim() == 4 and images.shape[1] == 3, f"expected (B, 3, H, W) images, got {tuple(images.shape)}"
         size = self.cfg.input_size
         x = (images + 1.0) * 0.5  # (B, 3, H, W) in [0, 1]

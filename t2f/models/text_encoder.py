@@ -93,8 +93,11 @@ class TextEncoder(nn.Module):
 def _load(path: str, name: str, offline: bool):
     """Returns (model, tokenizer, is_clip) without ever executing remote code."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModelWithProjection
+    from transformers.utils import logging as hf_logging
 
     kwargs = dict(local_files_only=offline, trust_remote_code=False)
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a second-long "Loading weights" bar would bury one-line errors
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
         clip = _is_clip(config)
@@ -107,4 +110,7 @@ def _load(path: str, name: str, offline: bool):
             f"On a machine with internet: `huggingface-cli download {name} --local-dir DIR`, copy DIR here "
             f"and set text.encoder=DIR (or pre-fill HF_HOME)."
         ) from None
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     return model, tokenizer, clip

@@ -8,12 +8,19 @@
 A small CNN (five 3x3 convolutions, global max pooling, one hidden layer) with one sigmoid per
 attribute in ATTRIBUTES order. It trains on renders drawn fresh for every batch, so it never sees
 a face twice; half of each batch is blurred so it also judges the softer faces a generator makes.
-800 steps take about 50 s on one CPU thread: `t2f toy classifier --out DIR` reproduces the shipped
-weights bit for bit (seeded) and reports per-attribute accuracy on held-out renders.
+800 steps take about a minute on one CPU thread: `t2f toy classifier --out DIR` reproduces the
+shipped weights bit for bit (seeded) and reports per-attribute accuracy on held-out renders
+(classifier.json records both, and the training time).
 
 Two are shipped: the judge (t2f/toy/assets, seed 0), which scores the demo, and the backbone
 (t2f/toy/assets/backbone, `--seed 1`), whose convolutions are the recaptioner's frozen image
-encoder (recaptioner.encoder=toy). Separate seeds keep the judge out of the training signal.
+encoder, the toy world's ImageNet CNN (recaptioner.encoder=frozen_cnn with encoder_weights
+pointing at its .safetensors; classifier.json describes the convolutions for
+t2f.models.image_encoders.FrozenCNN). Separate seeds keep the judge out of the training signal.
+Pretrained on fresh, partly blurred renders, the backbone reads the tiny generator's soft faces
+far better than a small encoder trained on the demo's training renders (README, Results); unlike
+ImageNet's, its labels are the very attributes the captions name: an easier encoder than real
+runs get.
 """
 
 import functools
@@ -28,6 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from t2f.models.image_encoders import FROZEN_CNN_KEY, frozen_cnn_spec
 from t2f.toy.attributes import ATTRIBUTES
 from t2f.toy.render import SIZE, sample_batch
 
@@ -35,6 +43,7 @@ ASSETS = Path(__file__).parent / "assets"
 WEIGHTS_NAME, INFO_NAME = "classifier.safetensors", "classifier.json"
 # A second classifier (another seed): the recaptioner's pretrained encoder, never the judge.
 BACKBONE = ASSETS / "backbone" / WEIGHTS_NAME
+STRIDES = (2, 2, 2, 2, 1)  # 64 -> 32 -> 16 -> 8 -> 4 -> 4
 
 
 class AttributeClassifier(nn.Module):
@@ -45,8 +54,7 @@ class AttributeClassifier(nn.Module):
         self.width = width
         chans = [3, width // 2, width, width * 2, width * 3, width * 4]
         layers = []
-        for i, (c_in, c_out) in enumerate(zip(chans[:-1], chans[1:])):
-            stride = 2 if i < 4 else 1  # 64 -> 32 -> 16 -> 8 -> 4 -> 4
+        for c_in, c_out, stride in zip(chans[:-1], chans[1:], STRIDES):
             layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
         self.convs = nn.Sequential(*layers)
         self.hidden = nn.Linear(chans[-1], feature_dim)
@@ -203,16 +211,22 @@ def save_classifier(model: AttributeClassifier, out_dir, info: dict) -> Path:
     save_file(state, str(out / WEIGHTS_NAME))
     arch = {"num_attributes": model.head.out_features, "width": model.width,
             "feature_dim": model.hidden.out_features}
-    full = {"attributes": list(ATTRIBUTES), "architecture": arch, **info}
+    full = {"attributes": list(ATTRIBUTES), "architecture": arch, FROZEN_CNN_KEY: convolutions_spec(), **info}
     (out / INFO_NAME).write_text(json.dumps(full, indent=2) + "\n")
     return out / WEIGHTS_NAME
+
+
+def convolutions_spec() -> dict:
+    """How FrozenCNN rebuilds `convs` from the weights: the recaptioner's encoder, without this module."""
+    return frozen_cnn_spec("convs.", STRIDES, input_mean=(0.5, 0.5, 0.5), input_std=(0.5, 0.5, 0.5),  # reads [-1, 1]
+                           heads=("hidden", "head"))
 
 
 def build_classifier(out_dir, steps: int = 800, batch_size: int = 48, seed: int = 0,
                      eval_images: int = 2000) -> dict:
     """Train, evaluate on held-out renders, save; returns the info written to classifier.json."""
-    # One thread: on a shared 2-core machine a second intra-op thread mostly spin-waits
-    # (measured: 28 s with one thread, 209 s with two, same 500 steps).
+    # One thread: on a shared 2-core machine a second intra-op thread mostly spin-waits, and the
+    # training ran several times slower with two threads than with one.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -4,7 +4,10 @@ Each face is `render(params_from_latent(z))` for a seeded standard-normal z, wit
 from the grammar and its attribute vector; the splits go through `t2f.data.shards.build_shards`
 (same tar format, manifest and vocabulary as MM-CelebA-HQ), with the all-MiniLM-L6-v2 features
 of every caption stored so training skips the text encoder. Deterministic for a seed; a second
-run with the same arguments finds every shard up to date and rewrites nothing.
+run with the same arguments finds every shard up to date and rewrites nothing. The manifest names
+the toy metrics' plugin (options.eval_plugins: t2f.toy.metrics), so `t2f eval` and the trainer's
+periodic evaluation add the toy metrics on these shards; shards built before it are fixed by
+running the same command again (it rewrites only the manifest).
 """
 
 import numpy as np
@@ -14,6 +17,7 @@ from t2f.toy.captions import captions_for
 from t2f.toy.render import render
 
 TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+METRICS_PLUGIN = "t2f.toy.metrics"  # the module that registers the toy metrics (not imported here: it loads eval)
 Z_DIM = 32  # the toy generator's z_dim (t2f/toy/pretrain.py); params_from_latent reads the first 25
 
 
@@ -34,6 +38,7 @@ class CachedEncoder:
 
     def __init__(self, encoder):
         self.encoder, self.name, self.cache = encoder, encoder.name, {}
+        self.pooling, self.max_length = encoder.pooling, encoder.max_length  # recorded in the manifest
 
     def encode(self, captions):
         import torch
@@ -48,6 +53,7 @@ class CachedEncoder:
 def build_toy_shards(out, train: int = 1500, test: int = 250, seed: int = 0, text_features: bool = True,
                      workers: int = 0, progress: bool = True) -> dict:
     from t2f.data.shards import build_shards
+    from t2f.eval.hooks import PLUGINS_OPTION
 
     encoder = None
     if text_features:
@@ -57,7 +63,7 @@ def build_toy_shards(out, train: int = 1500, test: int = 250, seed: int = 0, tex
     samples = list(toy_samples(train, "train", seed)) + list(toy_samples(test, "test", seed, start=train))
     return build_shards(samples, out, resolution=64, fmt="png", shard_size=250, workers=workers, text_encoder=encoder,
                         attribute_names=ATTRIBUTES, source="toy", progress=progress,
-                        options={"toy": {"train": train, "test": test, "seed": seed}})
+                        options={"toy": {"train": train, "test": test, "seed": seed}, PLUGINS_OPTION: [METRICS_PLUGIN]})
 
 
 def add_arguments(parser) -> None:

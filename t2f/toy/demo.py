@@ -62,6 +62,7 @@ def train(args, run_dir: Path, extra=()) -> None:
 
 def evaluate_run(run_dir: Path) -> dict:
     """Toy metrics on every held-out face, plus the recaptioner's BLEU-4 on real test images."""
+    import t2f.toy.metrics  # noqa: F401  (registers attributes and toy_fid, whatever the shards' manifest says)
     from t2f.eval.captions import real_image_bleu4
     from t2f.eval.evaluate import evaluate
     from t2f.inference import load_pipeline

@@ -10,13 +10,13 @@ small widths — is regressed so that G(z) = render(params_from_latent(z)):
 The second term makes the fit spend its capacity on what captions name (glasses frames,
 lipstick, hats) rather than on background shades. The shipped generator used the shipped
 classifier, the demo's judge, for it; `--classifier` takes another (the recaptioner's backbone
-keeps the judge out of the fit). The term matters: continuing the shipped fit for 5000 steps
-without it removes the magenta cheek patch but drops the judge's agreement from 0.931 to 0.837
-and the demo from 0.941 to 0.835. The agreement reported below is always the judge's; the faces
-are blurrier than the renders either way (`t2f toy render`, the demo's grid).
+keeps the judge out of the fit). The term matters: a fit continued without it loses the magenta
+cheek patch but draws the attributes less distinctly, and both the judge's agreement and the
+demo drop (README, Results). The agreement reported below is always the judge's; the faces are
+blurrier than the renders either way (`t2f toy render`, the demo's grid).
 The result is a pretrained generator whose latent space really holds the world's faces, as
-FFHQ's does for real faces. It is shipped in t2f/toy/assets/; this command reproduces it (38 min
-on two CPU cores; the measured agreement is in generator.fit.json):
+FFHQ's does for real faces. It is shipped in t2f/toy/assets/; this command reproduces it (the
+time it takes is in the README; the measured agreement is in generator.fit.json):
 
     t2f toy pretrain --out t2f/toy/assets/generator --steps 10000 --lr 3e-3 --seed 0
 """
@@ -95,10 +95,10 @@ def fit(steps: int, batch_size: int, lr: float, attribute_weight: float, seed: i
     classifier = load_classifier(classifier_path or None).requires_grad_(False).eval() if attribute_weight > 0 else None
     # The mapping's equalised-lr multiplier (0.01) exists for GAN stability; here the mapping has to
     # learn the world's latent map (thresholds, normal CDFs) and is the bottleneck, so the multiplier
-    # is undone and the mapping steps at MAPPING_SPEEDUP x the synthesis's rate. L1 after 400 steps from
-    # scratch at a constant lr 3e-3: 0.1x -> 0.247, 0.33x -> 0.231, 1x -> 0.197, 3.3x -> 0.183,
-    # 10x -> 0.184. Momentum helps this regression too (beta1 0.9 vs the GAN setting 0: 0.183 vs
-    # 0.205); OneCycleLR below cycles beta1 between 0.85 and 0.95.
+    # is undone and the mapping steps at MAPPING_SPEEDUP x the synthesis's rate: in a sweep of short fits
+    # from scratch the L1 fell as the mapping's rate rose up to about 3x and no further at 10x.
+    # Momentum helps this regression too (beta1 0.9 beat the GAN setting 0); OneCycleLR below
+    # cycles beta1 between 0.85 and 0.95.
     mapping_lr = lr / G.mapping.lr_multiplier * MAPPING_SPEEDUP  # the model's own (an --init file's too)
     optimizer = torch.optim.Adam([{"params": G.synthesis.parameters()}, {"params": G.mapping.parameters(), "lr": mapping_lr}],
                                  lr=lr, betas=(0.9, 0.99))
