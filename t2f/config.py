@@ -65,13 +65,14 @@ class GeneratorConfig:
     conv_clamp: Optional[float] = 256.0
     impl: str = "auto"  # fused-op implementation: auto | ref | triton
     noise_mode: str = "const"  # synthesis noise in training: const | random | none
-    truncation_psi: float = 1.0  # default truncation of sample grids and `t2f generate`
+    truncation_psi: float = 1.0  # default truncation of sample grids, `t2f generate` and `t2f eval`
 
 
 @dataclass(frozen=True)
 class RecaptionerConfig:
     encoder: str = "resnet101"  # resnet101 | small (random init, trains) | frozen_cnn (pretrained conv stack, frozen)
-    encoder_weights: str = ""  # resnet101: file (empty = torch hub cache; random = random init, benchmarks only); frozen_cnn: its .safetensors (+ .json beside it)
+    encoder_weights: str = ""  # resnet101: file (empty = torch hub cache; random = random init, benchmarks only);
+                               # frozen_cnn: its .safetensors (+ .json beside it)
     finetune_encoder: bool = False  # train the top CNN block too
     feature_grid: int = 14  # L = grid^2 feature vectors
     input_size: int = 224
@@ -140,7 +141,7 @@ class EvalConfig:  # `t2f eval` and the periodic evaluation (t2f/eval/evaluate.p
     subset: int = 500  # test images for the periodic evaluation during training
     batch_size: int = 16  # per process
     seed: int = 0
-    truncation_psi: float = 1.0
+    truncation_psi: Optional[float] = None  # None = generator.truncation_psi
     resolution: int = 0  # compare at this size (generated images are resized); 0 = data.resolution
     inception: str = ""  # inception-2015-12-05.pt; empty = $T2F_CACHE, then clean-fid's /tmp
     lpips_alexnet: str = ""  # alexnet-owt-7be5be79.pth; empty = the torch hub cache

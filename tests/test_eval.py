@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_generate import tiny_checkpoint
 
 from t2f.eval.fid import FidMeter, InceptionFeatures, InceptionWeightsMissing, RealStatsCache, feature_extractor
 from t2f.eval.lpips import LpipsWeightsMissing, load_lpips, lpips_distance
-from test_generate import tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -336,3 +336,11 @@ def test_a_worlds_metric_without_its_plugin_is_a_one_line_error(eval_setup, caps
     assert "unknown metric(s) ['attributes']" in err and "--plugin MODULE" in err and "Traceback" not in err
     assert evaluate.main(plain + ["--plugin", "t2f.nowhere"]) == 2
     assert "eval plugin 't2f.nowhere' cannot be imported" in capsys.readouterr().err
+
+
+def test_eval_truncation_defaults_to_the_generators_and_is_recorded():
+    from t2f.config import load_config
+    from t2f.eval.report import truncation_of
+
+    assert truncation_of(load_config("toy", ["generator.truncation_psi=0.7"])) == 0.7
+    assert truncation_of(load_config("toy", ["generator.truncation_psi=0.7", "eval.truncation_psi=1.0"])) == 1.0

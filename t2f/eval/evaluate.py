@@ -40,9 +40,8 @@ import torch
 
 from t2f.eval.fid import FidMeter, RealStatsCache
 from t2f.eval.hooks import EvalHooks, Generated, build_hooks, load_plugins, manifest_plugins, registered, select_metrics
-from t2f.eval.report import PROTOCOLS, metrics_record, report
+from t2f.eval.report import PROTOCOLS, metrics_record, report, truncation_of
 from t2f.inference import resize_images, sample_seed
-
 
 # ---------------------------------------------------------------------------- distributed helpers
 
@@ -192,7 +191,7 @@ def _run(pipeline, loader, rank, world, limit, meters, hooks, metrics, resolutio
 
 def _generate(pipeline, captions, seeds, resolution):
     s = pipeline.encode(captions)  # (B, S)
-    ws = pipeline.latents(s, seeds, pipeline.cfg.eval.truncation_psi)
+    ws = pipeline.latents(s, seeds, truncation_of(pipeline.cfg))
     return resize_images(pipeline.synthesize(ws, len(seeds)), resolution)  # (B, 3, R, R)
 
 

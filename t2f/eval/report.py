@@ -18,6 +18,11 @@ PROTOCOLS = {"one": "one image per test image, from its first caption",
              "all": "one image per caption, every caption of every test image"}
 
 
+def truncation_of(cfg) -> float:
+    """The truncation psi evaluation uses: eval.truncation_psi, else the generator's default."""
+    return cfg.generator.truncation_psi if cfg.eval.truncation_psi is None else cfg.eval.truncation_psi
+
+
 def config_hash(cfg) -> str:
     """Hash of the model's config (the eval section left out: it is recorded as the protocol)."""
     tree = {k: v for k, v in to_dict(cfg).items() if k != "eval"}
@@ -29,7 +34,7 @@ def protocol_record(pipeline, metrics, data_id, seen: int, generated: int) -> di
     size = f"generated {pipeline.resolution}px resized to {res}px (antialiased bicubic)" \
         if pipeline.resolution != res else f"{res}px"
     common = {"split": data_id["split"], "test_images": seen, "generated_images": generated,
-              "captions": f"{e.protocol}: {PROTOCOLS[e.protocol]}", "seed": e.seed, "truncation_psi": e.truncation_psi,
+              "captions": f"{e.protocol}: {PROTOCOLS[e.protocol]}", "seed": e.seed, "truncation_psi": truncation_of(pipeline.cfg),
               "resolution": size}
     known = registered()
     return {**common, **{m: known[m].protocol for m in metrics}}
