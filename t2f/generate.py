@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-
 # psi = 0 gives the average face, 1 no truncation; StyleGAN users stay in [0.5, 1] and go up to
 # about 2 for extra variety. Negative psi mirrors w through the average (faces opposite to what the
 # caption asks for) and larger values give artefacts; NaN gives black images.
@@ -170,8 +169,8 @@ def main(argv=None) -> int:
     from t2f.checkpointing import CheckpointNotFound
     from t2f.config import ConfigError
     from t2f.inference import PipelineError, load_pipeline
-    from t2f.models.weights import CheckpointError
     from t2f.models.text_encoder import TextEncoderError
+    from t2f.models.weights import CheckpointError
 
     args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -144,7 +144,7 @@ def load_pipeline(run_or_ckpt, device="cpu", overrides=(), use_ema=True) -> Pipe
     if not cfg.generator.checkpoint:
         warnings.warn(f"{ckpt}: trained with a randomly initialised generator (generator.checkpoint is empty), "
                       "which checkpoints do not store; this one is a new random generator, so images will not "
-                      "match training. Override generator.checkpoint=FILE with the generator it was trained with.")
+                      "match training. Override generator.checkpoint=FILE with the generator it was trained with.", stacklevel=2)
     text_encoder, generator, model = build_models(cfg, len(vocab), device)
     try:
         model.load_state_dict(state)

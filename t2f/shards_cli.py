@@ -63,19 +63,24 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--out", help="output folder (default shards/<source>)")
     build.add_argument("--resolution", type=int, default=256, help="square side in pixels, Lanczos resize (default %(default)s)")
     build.add_argument("--format", default="png", choices=["png", "jpg"],
-                       help="png is lossless; jpg is several times smaller, but JPEG artefacts alter FID against the real images (default %(default)s)")
+                       help="png is lossless; jpg is several times smaller, "
+                            "but JPEG artefacts alter FID against the real images (default %(default)s)")
     build.add_argument("--quality", type=int, default=95, help="JPEG quality, jpg only (default %(default)s)")
     build.add_argument("--shard-size", type=int, default=250,
-                       help="samples per shard; a training run needs at least ranks x loader workers shards per split (default %(default)s)")
-    build.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes writing shards (default %(default)s)")
+                       help="samples per shard; a training run needs at least ranks x loader workers shards per split "
+                            "(default %(default)s)")
+    build.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                       help="processes writing shards (default %(default)s)")
     build.add_argument("--limit", type=int, help="keep only the first N ids of each split (quick subsets)")
-    build.add_argument("--min-captions", type=int, help="fewer captions is bad input (default 10 for the CelebA sets, 1 for jsonl)")
+    build.add_argument("--min-captions", type=int,
+                       help="fewer captions is bad input (default 10 for the CelebA sets, 1 for jsonl)")
     build.add_argument("--skip-bad", action="store_true", help="leave bad samples out and record them in the manifest")
     build.add_argument("--text-encoder", help="also store frozen text features (hub id or local folder), fp16; "
                                               "train with the same text.encoder, text.pooling and text.max_length")
     build.add_argument("--text-pooling", default="auto", choices=["auto", "clip", "mean"],
                        help="as text.pooling: CLIP's projected embeds or masked mean pooling (default %(default)s)")
-    build.add_argument("--text-max-length", type=int, default=77, help="as text.max_length: tokens per caption (default %(default)s)")
+    build.add_argument("--text-max-length", type=int, default=77,
+                       help="as text.max_length: tokens per caption (default %(default)s)")
     build.add_argument("--text-device", default="cpu", help="device for --text-encoder (cpu, cuda)")
     build.add_argument("--local-files-only", action="store_true", help="never download the text encoder")
     build.add_argument("--num-slices", type=int, help="array jobs (slurm/shards.sbatch): split the shards into N slices")

@@ -26,8 +26,16 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch t2f/train
 
 import torch
 
-from t2f.checkpointing import (CheckpointWriteError, RunDirError, hold_run_dir, latest_checkpoint, read_state,
-                               refuse_fresh_start, resolve_checkpoint, save_checkpoint)
+from t2f.checkpointing import (
+    CheckpointWriteError,
+    RunDirError,
+    hold_run_dir,
+    latest_checkpoint,
+    read_state,
+    refuse_fresh_start,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from t2f.config import ConfigError, load_config, save_config
 from t2f.data.loader import DataAccounting, DataFaultError
 from t2f.exit_status import BAD_INPUT, requeue_status

@@ -1,5 +1,7 @@
 """Config: presets load, overrides apply with types checked, mistakes name the key."""
 
+import dataclasses
+
 import pytest
 import yaml
 
@@ -57,5 +59,5 @@ def test_missing_preset_lists_the_presets():
 
 
 def test_configs_are_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         Config().optim.lr = 1.0

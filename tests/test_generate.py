@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import tiny_overrides
 
 from t2f import generate
-from tiny import tiny_overrides
 
 N, RES = 2, 32
 
@@ -23,10 +23,10 @@ def tiny_checkpoint(tmp: Path, step: int = 4) -> Path:
     from t2f.checkpointing import CKPT_DIR, WEIGHTS, checkpoint_name
     from t2f.config import load_config, save_config
     from t2f.data.vocab import Vocab
-    from t2f.models.weights import save_generator
     from t2f.models.generator import architecture_from_config, build_generator
     from t2f.models.text_encoder import TextEncoder
     from t2f.models.text_to_face import build_text_to_face
+    from t2f.models.weights import save_generator
 
     run = tmp / "run"
     overrides = tiny_overrides(tmp, run, steps=step)

@@ -29,7 +29,8 @@ def test_output_shapes_widths_and_num_ws(resolution, channel_base, channel_max):
     G = tiny_generator(resolution, channel_base, channel_max)
     assert G.num_ws == G.synthesis.num_ws == 2 * int(math.log2(resolution)) - 2
     widths = architecture(G)["channels"]
-    assert widths == {str(r): min(channel_base // r, channel_max) for r in [2**i for i in range(2, int(math.log2(resolution)) + 1)]}
+    assert widths == {str(r): min(channel_base // r, channel_max)
+                      for r in [2**i for i in range(2, int(math.log2(resolution)) + 1)]}
     z = torch.randn(2, G.z_dim)
     ws = G.mapping(z)
     assert ws.shape == (2, G.num_ws, G.w_dim)

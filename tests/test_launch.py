@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -109,8 +108,9 @@ def stand_in(tmp_path) -> dict:
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_launch_train_exits_75_without_a_traceback(tmp_path):
-    from t2f.checkpointing import latest_checkpoint
     from tiny import tiny_overrides
+
+    from t2f.checkpointing import latest_checkpoint
 
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(tmp_path, run_dir, steps=100_000)  # would take hours: only the stop ends it
@@ -163,7 +163,7 @@ def test_the_trainers_bad_input_exits_2_through_launch_train(tmp_path):
 def test_exit_status_reports_to_the_launcher_and_exits_quietly_for_clean_statuses(tmp_path, monkeypatch):
     monkeypatch.setenv(exit_status.EXIT_DIR_ENV, str(tmp_path))
     for status in (0, 2, 75):
-        assert exit_status.run(lambda: status) == 0  # `accelerate launch` sees success, so prints nothing
+        assert exit_status.run(lambda status=status: status) == 0  # `accelerate launch` sees success, so prints nothing
         assert (tmp_path / f"{os.getpid()}.status").read_text() == f"{status}\n"
         assert not (tmp_path / f"{os.getpid()}.running").exists()
 

@@ -89,7 +89,8 @@ def imports(package: Path):
     for module, path in modules.items():
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         for line, name in imported_names(tree, module, path.name == "__init__.py"):
-            yield path.relative_to(package.parent), line, module, layer_of(path.relative_to(package)), name, resolve(name, modules)
+            yield (path.relative_to(package.parent), line, module, layer_of(path.relative_to(package)), name,
+                   resolve(name, modules))
 
 
 def violations(package: Path) -> tuple[list[str], list[str]]:

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_shards
 
 from t2f.data.loader import DataAccounting, DataFaultError, make_eval_loader, make_train_loader
 from t2f.data.shards import build_shards
 from t2f.data.sources import SampleSpec
 from t2f.data.vocab import BOS, Vocab
-from tiny import tiny_shards
 
 N_TRAIN, N_TEST = 45, 13
 

@@ -8,6 +8,7 @@ stand-in timer, and the layer shapes they time are checked against the network's
 
 import pytest
 import torch
+from test_ops import _grads
 
 from t2f.models import benchmark as generator_benchmark
 from t2f.models import synthesis
@@ -15,9 +16,6 @@ from t2f.ops import benchmark as ops_benchmark
 from t2f.ops import triton_bias_act, triton_upfirdn2d
 from t2f.ops.bias_act import ACTIVATIONS
 from t2f.ops.upfirdn2d import setup_filter, upsample2d
-
-from test_ops import _grads
-
 
 # ---------------------------------------------------------------- the synthesis network
 
@@ -85,7 +83,7 @@ def test_every_kernel_variant_compiles_for_sm90(monkeypatch):
     half = dict(dtype=torch.float16)
     for act in sorted(ACTIVATIONS):
         x = torch.zeros(8, 64, 16, 16, **half)
-        _grads(lambda x: triton_bias_act.bias_act(x, torch.zeros(64), act=act, clamp=256), [x], x)
+        _grads(lambda x, act=act: triton_bias_act.bias_act(x, torch.zeros(64), act=act, clamp=256), [x], x)
     x = torch.zeros(8, 64, 16, 16, **half).to(memory_format=torch.channels_last)
     triton_bias_act.bias_act(x, torch.zeros(64, **half), act="lrelu")
     f, f1 = setup_filter([1, 3, 3, 1]), setup_filter([1, 3, 3, 1], separable=True)

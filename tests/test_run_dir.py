@@ -19,8 +19,16 @@ import pytest
 import torch
 
 import t2f.checkpointing as ckpt
-from t2f.checkpointing import (CheckpointWriteError, RunDirError, clean_stale_tmp, hold_run_dir,
-                               latest_checkpoint, read_state, refuse_fresh_start, save_checkpoint)
+from t2f.checkpointing import (
+    CheckpointWriteError,
+    RunDirError,
+    clean_stale_tmp,
+    hold_run_dir,
+    latest_checkpoint,
+    read_state,
+    refuse_fresh_start,
+    save_checkpoint,
+)
 from t2f.config import load_config
 from t2f.data.vocab import Vocab
 from t2f.monitor import Monitor

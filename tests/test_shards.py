@@ -87,7 +87,8 @@ def test_mmcelebahq_round_trip_and_verify(tmp_path, capsys):
     assert run_build("--source", "mmcelebahq", "--root", tmp_path / "mm", "--out", out,
                      "--resolution", 16, "--shard-size", 5, "--workers", 2) == 0
     manifest = read_manifest(out)
-    assert [e["name"] for e in manifest["splits"]["train"]["shards"]] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert [e["name"] for e in manifest["splits"]["train"]["shards"]] == ["train-000000.tar", "train-000001.tar",
+                                                                          "train-000002.tar"]
     assert manifest["splits"]["train"]["count"] == 12 and manifest["splits"]["test"]["count"] == 5
     assert manifest["resolution"] == 16 and manifest["image_format"] == "png" and manifest["attributes"] == ATTRS
     for split in ("train", "test"):
@@ -180,7 +181,8 @@ def test_image_that_fails_to_decode_leaves_no_shard_and_no_finished_manifest(tmp
     Image.fromarray(big).save(good, quality=95)
     good.write_bytes(good.read_bytes()[:800])  # header intact, scan data truncated
     out = tmp_path / "out"
-    args = ["--source", "mmcelebahq", "--root", tmp_path / "mm", "--out", out, "--shard-size", 3, "--resolution", 8, "--workers", 0]
+    args = ["--source", "mmcelebahq", "--root", tmp_path / "mm", "--out", out,
+            "--shard-size", 3, "--resolution", 8, "--workers", 0]
     assert run_build(*args) == 2
     assert "3 (train): image could not be decoded" in capsys.readouterr().err
     assert not (out / "train-000001.tar").exists() and not list(out.glob(".*tmp*"))
@@ -193,7 +195,8 @@ def test_image_that_fails_to_decode_leaves_no_shard_and_no_finished_manifest(tmp
 def test_rebuild_rewrites_only_the_deleted_shard(tmp_path):
     make_mmcelebahq(tmp_path / "mm", n_train=12, n_test=3)
     out = tmp_path / "out"
-    args = ["--source", "mmcelebahq", "--root", tmp_path / "mm", "--out", out, "--shard-size", 4, "--resolution", 8, "--workers", 0]
+    args = ["--source", "mmcelebahq", "--root", tmp_path / "mm", "--out", out,
+            "--shard-size", 4, "--resolution", 8, "--workers", 0]
     assert run_build(*args) == 0
     first = read_manifest(out)
     names = sorted(p.name for p in out.glob("*.tar"))
@@ -395,7 +398,8 @@ def test_features_from_another_text_encoder_are_refused_with_the_fix(tmp_path):
     assert "\n" not in message and "'enc-a'" in message and "'enc-b'" in message
     assert "--text-encoder enc-b" in message and "data.use_precomputed_text=false" in message
     check_text_features(manifest, TextConfig(encoder="enc-b"), False)  # features not used: nothing to check
-    for other in (TextConfig(encoder="enc-a", pooling="mean", max_length=77), TextConfig(encoder="enc-a", pooling="clip", max_length=32)):
+    for other in (TextConfig(encoder="enc-a", pooling="mean", max_length=77),
+                  TextConfig(encoder="enc-a", pooling="clip", max_length=32)):
         with pytest.raises(TextFeaturesMismatch):
             check_text_features(manifest, other, True)
     check_text_features(featured_manifest(tmp_path / "plain", None), TextConfig(encoder="enc-b"), True)  # no features

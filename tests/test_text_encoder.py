@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny import WORDS
+from tiny import tiny_bert as build_tiny_bert
 from transformers import BertModel, BertTokenizer, CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from t2f.models.text_encoder import TextEncoder, TextEncoderError
-from tiny import WORDS
-from tiny import tiny_bert as build_tiny_bert
 
 CAPTIONS = ["the woman has blond hair.", "a smiling man wears eyeglasses and a hat ."]
 

@@ -10,11 +10,21 @@ import torch
 from PIL import Image
 
 from t2f.toy.attributes import (
-    ATTRIBUTES, LATENT_DIMS, Nuisance, check_attributes, params_from_latent, sample_face,
+    ATTRIBUTES,
+    LATENT_DIMS,
+    Nuisance,
+    check_attributes,
+    params_from_latent,
+    sample_face,
 )
 from t2f.toy.captions import captions_for, parse_caption
 from t2f.toy.classifier import (
-    FidFeatureExtractor, evaluate, features, images_to_tensor, load_classifier, predict_attributes,
+    FidFeatureExtractor,
+    evaluate,
+    features,
+    images_to_tensor,
+    load_classifier,
+    predict_attributes,
 )
 from t2f.toy.cli import main as toy_main
 from t2f.toy.render import face_layout, render
@@ -50,19 +60,19 @@ def _box(x0, y0, x1, y1):
 # region (from the face layout) that must hold every changed pixel.
 _EDITS = {
     "Eyeglasses": (dict(Eyeglasses=True), dict(Eyeglasses=False),
-                   lambda l: _box(l.cx - l.rx - 1, l.eye_y - 4, l.cx + l.rx + 1, l.eye_y + 4)),
+                   lambda f: _box(f.cx - f.rx - 1, f.eye_y - 4, f.cx + f.rx + 1, f.eye_y + 4)),
     "Smiling": (dict(Smiling=True), dict(Smiling=False),
-                lambda l: _box(l.cx - l.mouth_w - 4, l.mouth_y - 4, l.cx + l.mouth_w + 4, l.mouth_y + 4)),
+                lambda f: _box(f.cx - f.mouth_w - 4, f.mouth_y - 4, f.cx + f.mouth_w + 4, f.mouth_y + 4)),
     "Mouth_Slightly_Open": (dict(Mouth_Slightly_Open=True), dict(Mouth_Slightly_Open=False),
-                            lambda l: _box(l.cx - l.mouth_w - 4, l.mouth_y - 4, l.cx + l.mouth_w + 4, l.mouth_y + 4)),
+                            lambda f: _box(f.cx - f.mouth_w - 4, f.mouth_y - 4, f.cx + f.mouth_w + 4, f.mouth_y + 4)),
     "Wearing_Lipstick": (dict(Wearing_Lipstick=True), dict(Male=False, Wearing_Lipstick=False),
-                         lambda l: _box(l.cx - l.mouth_w - 4, l.mouth_y - 4, l.cx + l.mouth_w + 4, l.mouth_y + 4)),
+                         lambda f: _box(f.cx - f.mouth_w - 4, f.mouth_y - 4, f.cx + f.mouth_w + 4, f.mouth_y + 4)),
     "Wearing_Hat": (dict(Wearing_Hat=True), dict(Bald=False, Wearing_Hat=False),
-                    lambda l: _box(l.cx - l.rx - 4, 0, l.cx + l.rx + 4, l.hairline_y + 2)),
+                    lambda f: _box(f.cx - f.rx - 4, 0, f.cx + f.rx + 4, f.hairline_y + 2)),
     "Bangs": (dict(Bangs=True), dict(Bald=False, Bangs=False, Wearing_Hat=False),
-              lambda l: _box(l.cx - l.rx, l.hairline_y - 2, l.cx + l.rx, l.brow_y + 1)),
+              lambda f: _box(f.cx - f.rx, f.hairline_y - 2, f.cx + f.rx, f.brow_y + 1)),
     "Beard": (dict(Beard=True), dict(Male=True, Beard=False),
-              lambda l: _box(l.cx - l.rx - 1, l.nose_y, l.cx + l.rx + 1, l.chin_y + 3)),
+              lambda f: _box(f.cx - f.rx - 1, f.nose_y, f.cx + f.rx + 1, f.chin_y + 3)),
 }
 
 
@@ -232,5 +242,5 @@ def test_render_command_writes_a_grid(tmp_path, capsys):
     out = tmp_path / "grid.png"
     assert toy_main(["render", "--out", str(out), "--rows", "2", "--cols", "3", "--zoom", "1"]) == 0
     assert Image.open(out).size == (3 * 64, 2 * 64)
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[")]
-    assert len(lines) == 6 and all(parse_caption(l.split("] ", 1)[1]) for l in lines)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(lines) == 6 and all(parse_caption(line.split("] ", 1)[1]) for line in lines)

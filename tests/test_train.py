@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import tiny_overrides
 
 from t2f import train
 from t2f.checkpointing import WEIGHTS, latest_checkpoint
 from t2f.config import load_config
 from t2f.trainer.loss import TrainingLoss
 from t2f.trainer.optim import is_joint, make_optimizer, set_learning_rate
-from tiny import tiny_overrides
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def test_preempted_run_resumes_to_the_same_weights(tiny, tmp_path, monkeypatch):
     assert straight.keys() == resumed.keys()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
-    steps = [json.loads(l)["step"] for l in (tmp_path / "preempted" / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "preempted" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # no step lost, none done twice
 
 
@@ -180,10 +180,11 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(tiny, tmp_pa
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "text_features", lambda cfg, batch, enc, dev: torch.full((len(batch["caption"]), enc.dim), float("nan")))
+    monkeypatch.setattr(train, "text_features",
+                        lambda cfg, batch, enc, dev: torch.full((len(batch["caption"]), enc.dim), float("nan")))
     with pytest.raises(RuntimeError, match="3 non-finite losses in a row.*metrics.jsonl"):
         train.main(["--config", "toy", *tiny("nan", 4), "train.max_bad_steps=3"])
-    records = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["train/skipped_steps"] == 3  # every skip is logged before the stop
 
 
@@ -209,7 +210,7 @@ def test_bench_train_runs_the_real_step_on_cpu(capsys):
 def test_periodic_evaluation_logs_eval_metrics(tiny, tmp_path):
     # Inception and AlexNet are not on this machine: those metrics are skipped, BLEU-4 still runs.
     assert train.main(["--config", "toy", *tiny("ev", 2), "train.eval_every=2", "eval.subset=4", "eval.batch_size=4"]) == 0
-    records = [json.loads(l) for l in (tmp_path / "ev" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "ev" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if any(k.startswith("eval/") for k in r)]
     assert len(evals) == 1 and evals[0]["step"] == 2 and "eval/bleu4" in evals[0], evals
     assert (tmp_path / "ev" / "eval" / "step-00000002.json").is_file()
@@ -247,7 +248,8 @@ def test_recaptioner_warm_up_leaves_the_text_path_exactly_untouched(tiny, tmp_pa
     moved = _text_path(model)
     assert any(not torch.equal(moved[k], before[k]) for k in moved)  # the joint step does train the text path
     for key, value in _text_path(fresh).items():
-        torch.testing.assert_close(moved[key], value, rtol=0, atol=0, msg=f"first joint update of {key} is not a fresh optimiser's")
+        torch.testing.assert_close(moved[key], value, rtol=0, atol=0,
+                                   msg=f"first joint update of {key} is not a fresh optimiser's")
 
 
 def test_training_renders_with_the_configured_noise_mode(tiny, tmp_path):
@@ -336,3 +338,17 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("t2f train: ") and "Traceback" not in err[0], err
     assert not (tmp_path / "bad").exists()  # the run directory is made only once the input checked out
+
+
+def test_bench_train_on_a_paper_preset_needs_no_weight_files(capsys, tmp_path, monkeypatch):
+    from t2f.bench import main as bench
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))  # no ResNet-101 file anywhere
+    monkeypatch.delenv("T2F_RESNET101", raising=False)
+    assert bench(["train", "--cpu-smoke", "--config", "mmcelebahq", "--steps", "1", "--batch-size", "1",
+                  "data.resolution=32", "recaptioner.input_size=64", "recaptioner.feature_grid=2",
+                  "generator.resolution=32", "generator.channel_base=128", "generator.channel_max=16",
+                  "generator.z_dim=16", "generator.w_dim=16", "generator.mapping_layers=2"]) == 0
+    out = capsys.readouterr().out
+    assert "timing with random weights of the same shapes" in out
+    assert float(out.split("fp32 + reference")[1].split()[0]) > 0

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import tiny_overrides
 
 from t2f.checkpointing import latest_checkpoint
-from tiny import tiny_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,8 @@ def test_deepspeed_applies_the_warm_up_rate_of_each_step_like_ddp(tmp_path):
         out = tmp_path / name
         out.mkdir()
         run = [f"train.run_dir={tmp_path / name / 'run'}"]
-        accelerate_launch(ROOT / "tests" / "ddp_probe.py", [str(out), "--cpu", "--config", "toy", *overrides, *run], tmp_path, mode)
+        accelerate_launch(ROOT / "tests" / "ddp_probe.py", [str(out), "--cpu", "--config", "toy", *overrides, *run],
+                          tmp_path, mode)
         runs[name] = (json.loads((out / "rank0.json").read_text()), load_file(str(out / "rank0.safetensors")))
     # Per step: recaptioner, CA head, mapper (x2). ZeRO steps its groups one call at a time: flatten.
     expected = [lr for k in (1, 2, 3, 4) for lr in (0.05 * k / 4, 0.05 * k / 4, 0.1 * k / 4)]

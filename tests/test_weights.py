@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 from t2f.cli import main as cli_main
 from t2f.config import GeneratorConfig
-from t2f.models.weights import CheckpointError, detect_format, load_generator, save_generator
 from t2f.models.generator import Generator, architecture, generator_from_config
 from t2f.models.mapping import FullyConnectedLayer, MappingNetwork
 from t2f.models.synthesis import SynthesisBlock, SynthesisLayer, SynthesisNetwork, ToRGBLayer
+from t2f.models.weights import CheckpointError, detect_format, load_generator, save_generator
 
 NVLABS_CLASS = {Generator: "Generator", MappingNetwork: "MappingNetwork", FullyConnectedLayer: "FullyConnectedLayer",
                 SynthesisNetwork: "SynthesisNetwork", SynthesisBlock: "SynthesisBlock", SynthesisLayer: "SynthesisLayer",
@@ -61,7 +61,8 @@ def nvlabs_modules(tmp_path, monkeypatch):
     class EasyDict(dict):
         pass
 
-    for name, attrs in {"torch_utils": {}, "torch_utils.persistence": {"_reconstruct_persistent_obj": _reconstruct_persistent_obj},
+    for name, attrs in {"torch_utils": {},
+                        "torch_utils.persistence": {"_reconstruct_persistent_obj": _reconstruct_persistent_obj},
                         "dnnlib": {}, "dnnlib.util": {"EasyDict": EasyDict}}.items():
         module = types.ModuleType(name)
         for attr, value in attrs.items():
@@ -95,7 +96,8 @@ def write_nvlabs_pickle(G, path, fake):
                            synthesis_kwargs=fake.EasyDict(INIT_KWARGS["synthesis_kwargs"]))
     disc_state = dict(_parameters=collections.OrderedDict(w=torch.nn.Parameter(torch.randn(3))), _buffers={},
                       _modules={}, training=False, _init_args=(), _init_kwargs=fake.EasyDict(c_dim=0))
-    disc = Persistent(fake.reconstruct, dict(type="class", version=6, module_src="", class_name="Discriminator", state=disc_state))
+    disc = Persistent(fake.reconstruct,
+                      dict(type="class", version=6, module_src="", class_name="Discriminator", state=disc_state))
     snapshot = dict(G=as_record(G, fake, fake.marker, kwargs), D=disc, G_ema=as_record(G, fake, fake.marker, kwargs),
                     augment_pipe=None, training_set_kwargs=fake.EasyDict(resolution=32))
     with open(path, "wb") as f:

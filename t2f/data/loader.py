@@ -156,7 +156,7 @@ class ShardLoader:
             for path, (lost, _, reads) in batch["faults"]["shards"].items():  # warned here: once per shard, not per worker
                 if lost and not self.faults.shards.get(path, [0])[0]:
                     warnings.warn(f"shard {path} is cut short or damaged: {lost // reads} samples lost each time it is "
-                                  f"read; check the shards with `t2f shards verify {Path(path).parent}`")
+                                  f"read; check the shards with `t2f shards verify {Path(path).parent}`", stacklevel=2)
             self.faults.update(batch)
             if "image" in batch:  # a batch of only "faults" reports them at the end of a stream
                 yield batch
@@ -339,7 +339,7 @@ class _FaultCounter:
         self.corrupt += 1
         self.shards.setdefault(sample.get("__url__"), [0, 0, 0])[1] += 1
         self.consecutive += 1
-        warnings.warn(f"skipping corrupt sample {sample.get('__key__')} in {sample.get('__url__')}: {err!r}")
+        warnings.warn(f"skipping corrupt sample {sample.get('__key__')} in {sample.get('__url__')}: {err!r}", stacklevel=2)
         if self.limit and self.consecutive >= self.limit:
             raise RuntimeError(f"the last {self.limit} samples were all corrupt; check the shards with `t2f shards verify`")
 

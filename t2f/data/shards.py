@@ -35,8 +35,7 @@ import os
 from pathlib import Path
 
 from t2f.data.manifest import manifest_dict, mark_unfinished, previous_entries, sha256_file, write_manifest
-from t2f.data.slices import (check_slice_args, collect_slices, recorded_entries, remove_records, slice_of,
-                             write_record)
+from t2f.data.slices import check_slice_args, collect_slices, recorded_entries, remove_records, slice_of, write_record
 from t2f.data.sources import BadSample, check_samples, id_sort_key
 from t2f.data.writer import describe_text_features, encode_captions, text_settings, write_shards, write_vocab
 

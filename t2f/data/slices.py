@@ -109,7 +109,8 @@ def collect_slices(out: Path, plan: list, count: int):
             record = None
         shards = slice_of(plan, index, count)
         if record is None:
-            problems.append(f"slice {index}: no record {path.name} (it never ran, or failed before planning: see its job output); "
+            problems.append(f"slice {index}: no record {path.name} "
+                            f"(it never ran, or failed before planning: see its job output); "
                             f"its shards: {_names(shards)}")
             continue
         texts.append(record.get("text"))

@@ -241,7 +241,7 @@ def read_jsonl(manifest, limit: Optional[int] = None) -> SourceData:
             data.bad.append(BadSample(f"line {lineno}", reason))
         else:
             per_split.setdefault(spec.split, []).append(spec)
-    for split, specs in per_split.items():
+    for specs in per_split.values():
         data.samples += sorted(specs, key=lambda s: id_sort_key(s.id))[:limit]
     named = next((s.attributes for s in data.samples if s.attributes), None)
     data.attribute_names = list(named) if named else []

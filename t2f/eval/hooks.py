@@ -132,7 +132,7 @@ def build_hooks(cfg, device, metrics, given: EvalHooks | None = None, skip_missi
             if not skip_missing:
                 raise
             hooks.skipped[name] = " ".join(str(err).split())  # one line, the missing path included
-            warnings.warn(f"eval: skipping {name}: {err}")
+            warnings.warn(f"eval: skipping {name}: {err}", stacklevel=2)
     return hooks, hooks.skipped
 
 

@@ -43,8 +43,8 @@ def main(argv=None) -> int:
     parser.add_argument("dst", help="output name: writes DST.safetensors and DST.json (a .safetensors suffix is optional)")
     args = parser.parse_args(argv)
 
-    from t2f.models.weights import CheckpointError, detect_format, load_generator, save_generator
     from t2f.models.generator import architecture
+    from t2f.models.weights import CheckpointError, detect_format, load_generator, save_generator
 
     try:
         fmt = detect_format(args.src)

@@ -150,7 +150,8 @@ def record_state_dict(record: PersistentRecord, prefix: str = "") -> dict:
         if child is None:
             continue
         if not isinstance(child, PersistentRecord):
-            raise pickle.UnpicklingError(f"submodule '{prefix}{name}' is a {type(child).__name__}, not a persistent NVlabs module")
+            raise pickle.UnpicklingError(f"submodule '{prefix}{name}' is a {type(child).__name__}, "
+                                         f"not a persistent NVlabs module")
         tensors.update(record_state_dict(child, f"{prefix}{name}."))
     return tensors
 
@@ -160,6 +161,7 @@ def record_init_kwargs(record: PersistentRecord, arg_names=()) -> dict:
     args = tuple(record.state.get("_init_args") or ())
     kwargs = dict(record.state.get("_init_kwargs") or {})
     if len(args) > len(arg_names):
-        raise pickle.UnpicklingError(f"{record.class_name} was built with {len(args)} positional arguments; expected at most {len(arg_names)}")
+        raise pickle.UnpicklingError(f"{record.class_name} was built with {len(args)} positional arguments; "
+                                     f"expected at most {len(arg_names)}")
     kwargs.update(zip(arg_names, args))
     return kwargs

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from t2f.models.image_encoders import build_image_encoder
 from t2f.tokens import BOS, EOS
 
-
 # ---------------------------------------------------------------------------- decoder parts
 
 

@@ -39,7 +39,7 @@ def filter_size(f):
     return (f.shape[-1], f.shape[0])
 
 
-def setup_filter(f, device=torch.device("cpu"), normalize=True, flip_filter=False, gain=1, separable=None):
+def setup_filter(f, device="cpu", normalize=True, flip_filter=False, gain=1, separable=None):
     """Make a float32 filter tensor from a list: 1-D for separable use, 2-D otherwise."""
     if f is None:
         f = 1

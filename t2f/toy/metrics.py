@@ -15,8 +15,6 @@ import hashlib
 import math
 from pathlib import Path
 
-import torch
-
 from t2f.eval.fid import feature_extractor
 from t2f.eval.hooks import Metric, register_metric
 from t2f.toy.attributes import ATTRIBUTES

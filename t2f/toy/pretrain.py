@@ -21,7 +21,6 @@ time it takes is in the README; the measured agreement is in generator.fit.json)
     t2f toy pretrain --out t2f/toy/assets/generator --steps 10000 --lr 3e-3 --seed 0
 """
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -151,7 +150,8 @@ def run(args) -> int:
               "seed": args.seed, "minutes": round((time.perf_counter() - start) / 60, 1),
               "classifier_agreement_with_renders": agreement,
               "command": f"t2f toy pretrain --steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} "
-                         f"--attribute-weight {args.attribute_weight} --seed {args.seed}" + (f" --init {args.init}" if args.init else "")
+                         f"--attribute-weight {args.attribute_weight} --seed {args.seed}"
+                         + (f" --init {args.init}" if args.init else "")
                          + (f" --classifier {args.classifier}" if args.classifier else "")}
     Path(str(args.out) + ".fit.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {weights}; classifier agreement G(z) vs render(z): {agreement['mean']:.3f} "

@@ -19,8 +19,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from t2f.toy.attributes import (  # noqa: F401  (re-exported: the world's API lives here too)
-    ATTRIBUTES, LATENT_DIMS, Nuisance, attribute_vector, check_attributes, params_from_latent,
-    sample_attributes, sample_face,
+    ATTRIBUTES,
+    LATENT_DIMS,
+    Nuisance,
+    attribute_vector,
+    check_attributes,
+    params_from_latent,
+    sample_attributes,
+    sample_face,
 )
 
 SIZE = 64

@@ -27,7 +27,8 @@ def _parser():
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode (after 3 warm-up steps)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: data.batch_size of the config")
     parser.add_argument("--cpu-smoke", action="store_true",
-                        help="without a GPU, time only the fp32 reference mode on the CPU (checks the code path; not a benchmark)")
+                        help="without a GPU, time only the fp32 reference mode on the CPU "
+                             "(checks the code path; not a benchmark)")
     parser.add_argument("overrides", nargs="*")
     return parser
 
@@ -106,7 +107,8 @@ def main(argv=None) -> int:
     rows = [("fp16 + fused (Triton)", *time_mode(cfg, "triton", True, batch, args.steps, device))] if gpu else []
     rows.append(("fp32 + reference", *time_mode(cfg, "ref", False, batch, args.steps, device)))
     where = torch.cuda.get_device_name() if gpu else "CPU (smoke check, not a benchmark)"
-    print(f"config {args.config} | generator {cfg.generator.resolution}² | batch {batch_size} | {where} | torch {torch.__version__}")
+    print(f"config {args.config} | generator {cfg.generator.resolution}² | batch {batch_size} | {where} "
+          f"| torch {torch.__version__}")
     print(f"{'generator mode':<24}{'samples/s':>12}{'peak GiB':>10}")
     for name, rate, peak in rows:
         print(f"{name:<24}{rate:>12.2f}{peak:>10.2f}")

@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 
 
-
 class TextPathEMA:
     def __init__(self, model, decay: float):
         assert 0.0 < decay < 1.0, f"train.ema_decay must be in (0, 1) to keep an EMA, got {decay}"
