@@ -37,10 +37,12 @@ from t2f.checkpointing import (
     save_checkpoint,
 )
 from t2f.config import ConfigError, load_config, save_config
-from t2f.data.loader import DataAccounting, DataFaultError
+from t2f.data.faults import DataAccounting, DataFaultError
 from t2f.exit_status import BAD_INPUT, requeue_status
 from t2f.monitor import Monitor, init_tracking
+from t2f.trainer.ema import make_ema
 from t2f.trainer.optim import is_joint, learning_rate, make_optimizer, set_learning_rate
+from t2f.trainer.sampling import eval_hooks, generation_pipeline, periodic_eval, sample_captions, write_samples
 
 # "Stopped by a signal after a clean checkpoint" (slurm/train.sbatch requeues the job on it) and
 # "bad input": t2f/exit_status.py carries both past `accelerate launch` to ./launch.
@@ -199,69 +201,10 @@ def resume_state(args, cfg, accelerator) -> tuple[dict, Path | None]:
     return state, ckpt
 
 
-def make_ema(cfg, model, ckpt: Path | None):
-    """The text path's EMA (train.ema_decay > 0): the checkpoint's, else a copy of the current weights."""
-    from t2f.inference import EMA_WEIGHTS
-    from t2f.trainer.ema import TextPathEMA
-
-    if cfg.train.ema_decay <= 0:
-        return None
-    ema = TextPathEMA(model, cfg.train.ema_decay)
-    if ckpt is not None and (ckpt / EMA_WEIGHTS).is_file():
-        ema.load(ckpt / EMA_WEIGHTS)
-    elif ckpt is not None:  # resumed from a run that kept none: the average starts here
-        print(f"[t2f] {ckpt} has no {EMA_WEIGHTS}; the EMA starts from the resumed weights", file=sys.stderr)
-    return ema
-
-
 def agree(accelerator, *flags: float) -> list[bool]:
     """Flags raised on any rank count on every rank (so all ranks skip or stop together)."""
     local = torch.tensor(flags, dtype=torch.float32, device=accelerator.device)
     return [bool(v > 0) for v in accelerator.reduce(local, reduction="sum").tolist()]
-
-
-@contextlib.contextmanager
-def generation_pipeline(cfg, accelerator, model, ema, generator, text_encoder, vocab):
-    """The one generation path (t2f.inference.Pipeline) over the live model, in eval mode.
-
-    With an EMA the pipeline draws with the averaged text path, as `t2f generate` does from the
-    checkpoint, so a sample grid at step N is what `t2f generate --seed train.seed` gives.
-    """
-    from t2f.inference import Pipeline
-
-    net = accelerator.unwrap_model(model)
-    was_training = net.training
-    net.eval()
-    try:
-        yield Pipeline.from_parts(cfg, ema.as_model(net) if ema else net, generator, text_encoder, vocab)
-    finally:
-        net.train(was_training)
-
-
-def write_samples(cfg, monitor, step, pipeline, captions):
-    from t2f.visual import caption_grid
-
-    per = cfg.train.samples_per_caption
-    images = pipeline.generate(captions, n=per, seed=cfg.train.seed, truncation_psi=cfg.generator.truncation_psi)
-    decoded = pipeline.read_back(images)
-    grid = caption_grid(images.cpu(), captions, per_row=per, subcaptions=decoded)
-    monitor.log_samples(step, grid, captions, decoded)
-
-
-def periodic_eval(cfg, monitor, step, pipeline, hooks):
-    """`t2f eval`'s code on `eval.subset` test images; every rank takes part, rank 0 logs `eval/`."""
-    from t2f.eval.evaluate import evaluate
-
-    out = Path(cfg.train.run_dir) / "eval" / f"step-{step:08d}.json"
-    return evaluate(pipeline, max_images=cfg.eval.subset, step=step, out_path=out, hooks=hooks, skip_missing=True,
-                    log_fn=lambda scalars, s: monitor.log(s, scalars, prefix=""), progress=False)
-
-
-def sample_captions(cfg, vocab, count: int) -> list[str]:
-    from t2f.data.loader import make_eval_loader
-
-    loader = make_eval_loader(cfg.data.shards, cfg.data.eval_split, batch_size=count, resolution=cfg.data.resolution, vocab=vocab)
-    return list(next(iter(loader))["caption"])[:count]
 
 
 # ---------------------------------------------------------------------------- main
@@ -302,7 +245,7 @@ def train(cfg, args, accelerator, run_dir, parts, stop) -> int:
     wandb_on = init_tracking(accelerator, cfg, run_dir) not in ("disabled",)
     monitor = Monitor(accelerator, run_dir, cfg.train.steps, state["step"], wandb_on)
     captions = sample_captions(cfg, vocab, cfg.train.sample_captions) if cfg.train.sample_every else []
-    eval_hooks = _eval_hooks(cfg)
+    hooks = eval_hooks(cfg)
     loss_fn, device = TrainingLoss(cfg.loss), accelerator.device
     bad_in_row, tic, seen, grad_norm = 0, time.perf_counter(), 0, math.nan
     accounting = DataAccounting(cfg.data.max_bad_fraction)  # corrupt/lost samples of every worker and epoch
@@ -368,7 +311,7 @@ def train(cfg, args, accelerator, run_dir, parts, stop) -> int:
                 if sample_now and accelerator.is_main_process:
                     write_samples(cfg, monitor, step, pipeline, captions)
                 if eval_now:
-                    periodic_eval(cfg, monitor, step, pipeline, eval_hooks)
+                    periodic_eval(cfg, monitor, step, pipeline, hooks)
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stopping:
             try:
                 checkpoint()
@@ -381,14 +324,6 @@ def train(cfg, args, accelerator, run_dir, parts, stop) -> int:
             accelerator.print(f"[t2f] signal {stop.signum}: checkpoint at step {step} written; exiting for requeue")
             return _finish(accelerator, monitor, REQUEUE_EXIT_CODE)
     return _finish(accelerator, monitor, 0)
-
-
-def _eval_hooks(cfg):
-    if not cfg.train.eval_every:
-        return None
-    from t2f.eval.hooks import EvalHooks
-
-    return EvalHooks()  # filled on first use: Inception/LPIPS load once per run
 
 
 def _clip(accelerator, model, cfg):

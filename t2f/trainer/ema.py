@@ -1,6 +1,7 @@
 """Exponential moving average of the text path (CA head + mapper): DiT's `update_ema`, StyleGAN's G_ema.
 
     ema = TextPathEMA(model, decay=0.9999)     # copies of model.ca and model.mapping
+    ema = make_ema(cfg, model, resumed_from)   # the same, or None when train.ema_decay is 0
     ema.update(model)                          # after every optimiser step
     ema.as_model(model)                        # the model with the EMA's text path, for sampling
 
@@ -12,6 +13,8 @@ saves it as `ema.safetensors` in each checkpoint, and a resume loads it back exa
 """
 
 import copy
+import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -47,3 +50,17 @@ class TextPathEMA:
         state = load_file(str(path))
         self.ca.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("ca.")})
         self.mapping.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("mapping.")})
+
+
+def make_ema(cfg, model, ckpt: Path | None):
+    """The text path's EMA (train.ema_decay > 0): the checkpoint's, else a copy of the current weights."""
+    from t2f.inference import EMA_WEIGHTS
+
+    if cfg.train.ema_decay <= 0:
+        return None
+    ema = TextPathEMA(model, cfg.train.ema_decay)
+    if ckpt is not None and (ckpt / EMA_WEIGHTS).is_file():
+        ema.load(ckpt / EMA_WEIGHTS)
+    elif ckpt is not None:  # resumed from a run that kept none: the average starts here
+        print(f"[t2f] {ckpt} has no {EMA_WEIGHTS}; the EMA starts from the resumed weights", file=sys.stderr)
+    return ema
