@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    shards: str = "shards/toy"  # directory holding manifest.json and <split>-*.tar
+    shards: str = "shards/toy"  # folder or URL (https://, s3://, gs://, pipe:CMD {name}) of manifest.json and <split>-*.tar
     train_split: str = "train"
     eval_split: str = "test"
     resolution: int = 64  # images are decoded at this size (shards may store larger)
@@ -41,6 +41,8 @@ class DataConfig:
     max_caption_tokens: int = 50  # C in METHOD.md
     use_precomputed_text: bool = True  # use text features stored in the shards when present
     max_bad_fraction: float = 0.01  # stop when corrupt + lost samples pass this share of those read (0..1)
+    remote_retries: int = 3  # remote shards: reopens of a file after a failure, then it is skipped and counted as lost
+    remote_timeout: float = 60.0  # http(s) shards: seconds without a byte before a read counts as failed
 
 
 @dataclass(frozen=True)

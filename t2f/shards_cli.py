@@ -5,11 +5,13 @@
     t2f shards build --source jsonl --manifest faces.jsonl --out shards/faces --skip-bad
     t2f shards build ... --text-encoder openai/clip-vit-base-patch32 --text-device cuda   # + fp16 features
     t2f shards verify shards/mmcelebahq
+    t2f shards verify s3://bucket/shards/mmcelebahq      # or https://..., gs://..., 'pipe:CMD {name}'
 
 The builder itself is t2f/data/shards.py; it sits below the models and takes the text encoder as
 an object, so this entry point builds it (t2f/models/text_encoder.py). Exit status: 0 done,
-2 bad input (a missing folder, bad samples, wrong options; one message, no traceback),
-1 failed (`verify` found problems, or array slices did not finish before --finalize).
+2 bad input (a missing folder or manifest, bad samples, wrong options, a URL the server refuses;
+one message, no traceback), 1 failed (`verify` found problems, a server could not be reached, or
+array slices did not finish before --finalize).
 """
 
 import argparse
@@ -17,6 +19,7 @@ import os
 import sys
 
 from t2f.data.manifest import MANIFEST_NAME, verify_shards
+from t2f.data.remote import RemoteOptions, public
 from t2f.data.shards import build_shards
 from t2f.data.slices import SliceError, check_slice_args
 from t2f.data.sources import read_celebatext, read_jsonl, read_mmcelebahq
@@ -88,7 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     step.add_argument("--slice", type=int, help="write only slice I of N (shards whose index %% N == I); no manifest")
     step.add_argument("--finalize", action="store_true", help="once all N slices are done: check them, write the manifest")
     verify = sub.add_parser("verify", help="re-check every shard's sample count and sha256 against manifest.json")
-    verify.add_argument("out", help="shard folder holding manifest.json")
+    verify.add_argument("out", help="shard folder or URL holding manifest.json: https://..., s3://..., gs://..., "
+                                    "or 'pipe:COMMAND' with {name} where the file name goes")
+    verify.add_argument("--retries", type=int, default=3, help="reopens of a remote file after a failure (default %(default)s)")
+    verify.add_argument("--timeout", type=float, default=60.0,
+                        help="http(s): seconds without a byte before a read fails (default %(default)s)")
     return parser
 
 
@@ -103,6 +110,9 @@ def main(argv=None) -> int:
         # SourceError, BadInputError, EncoderUnavailable, a missing manifest, an --out that cannot be written
         print(f"t2f shards {args.action}: {err}", file=sys.stderr)
         return BAD_INPUT
+    except OSError as err:  # a remote manifest that could not be read after the retries (t2f/data/remote.py)
+        print(f"t2f shards {args.action}: {err}", file=sys.stderr)
+        return 1
 
 
 def _build(args) -> int:
@@ -133,8 +143,10 @@ def _build(args) -> int:
 
 
 def _verify(args) -> int:
-    problems = verify_shards(args.out)
+    if args.retries < 0 or not args.timeout > 0:
+        raise ValueError(f"--retries must be 0 or more and --timeout above 0, got {args.retries} and {args.timeout}")
+    problems = verify_shards(args.out, remote=RemoteOptions(retries=args.retries, timeout=args.timeout))
     for line in problems:
         print(line, file=sys.stderr)
-    print(f"{args.out}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    print(f"{public(args.out)}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
     return 1 if problems else 0

@@ -83,7 +83,7 @@ def check_data(cfg) -> dict:
     from t2f.data.manifest import read_manifest
 
     try:
-        manifest = read_manifest(cfg.data.shards)
+        manifest = read_manifest(cfg.data.shards, remote_options(cfg))
     except (OSError, ValueError) as err:
         raise BadInput(f"data.shards: {err}") from None
     if not 0 <= cfg.data.max_bad_fraction <= 1:
@@ -116,14 +116,15 @@ def make_accelerator(cfg, cpu: bool):
 def build_parts(cfg, device):
     """Frozen text encoder and generator, vocabulary, and the trainable TextToFace."""
     from t2f.data.manifest import check_text_features, read_manifest
+    from t2f.data.remote import location_of
     from t2f.data.vocab import Vocab
     from t2f.inference import build_models
     from t2f.models.text_encoder import TextEncoderError
     from t2f.models.weights import CheckpointError
 
     try:
-        manifest = read_manifest(cfg.data.shards)
-        vocab = Vocab.load(cfg.recaptioner.vocab or Path(cfg.data.shards) / manifest["vocab"])
+        manifest = read_manifest(cfg.data.shards, remote_options(cfg))
+        vocab = Vocab.load(cfg.recaptioner.vocab or location_of(cfg.data.shards, manifest["vocab"]))
         text_encoder, generator, model = build_models(cfg, len(vocab), device)
         # stored features must be what text.* would compute, or training and sampling disagree
         check_text_features(manifest, cfg.text, cfg.data.use_precomputed_text, encoder=text_encoder)
@@ -156,6 +157,13 @@ def bad_input(err) -> int:
 # ---------------------------------------------------------------------------- the loop's helpers
 
 
+def remote_options(cfg):
+    """Retries and time-out for shards at a URL (ignored for a local folder)."""
+    from t2f.data.remote import RemoteOptions
+
+    return RemoteOptions(retries=cfg.data.remote_retries, timeout=cfg.data.remote_timeout)
+
+
 def make_loader(cfg, vocab, accelerator):
     from t2f.data.loader import make_train_loader
 
@@ -163,7 +171,7 @@ def make_loader(cfg, vocab, accelerator):
     return make_train_loader(d.shards, d.train_split, batch_size=d.batch_size, resolution=d.resolution, vocab=vocab,
                              rank=accelerator.process_index, world_size=accelerator.num_processes,
                              num_workers=d.num_workers, seed=cfg.train.seed, resampled=d.resampled,
-                             shuffle_buffer=d.shuffle_buffer, max_tokens=d.max_caption_tokens)
+                             shuffle_buffer=d.shuffle_buffer, max_tokens=d.max_caption_tokens, remote=remote_options(cfg))
 
 
 def train_batches(loader, epoch: int, skip: int):

@@ -19,11 +19,15 @@ then by worker -> tar to samples (a worker cycles its own shards in training) ->
 seeded by (seed, epoch, rank, worker) -> decode to [-1, 1] -> pick one caption -> tokenise ->
 batch. Rank and world size are explicit arguments, not torch.distributed globals.
 
+`shards_dir` may also be a URL (https://, s3://, gs://, pipe:; t2f/data/remote.py): the same
+stages read the same samples in the same order; a dropped connection resumes where it stopped.
+
 Data faults are skipped, counted and warned about, never fatal inside the loader (only a training
 stream that is corrupt through and through stops, after MAX_CONSECUTIVE_CORRUPT, rather than spin):
 a *corrupt* sample came out of the tar whole but does not decode; a *lost* sample is one the
-manifest promised that did not come out whole (the file ends early, or a member is missing), so a
-shard that is cut short reports its name and exactly how many samples it lost, once per read.
+manifest promised that did not come out whole (the file ends early, a member is missing, or a
+remote shard could not be read after `remote.retries`: a 404, a connection that keeps failing),
+so a bad shard reports its name (a URL without its query string) and how many samples it lost.
 Each batch carries its worker's counts in `batch["faults"]`, so they add up across DataLoader
 worker processes and epochs in `loader.corrupt_skipped`, `loader.samples_lost`, `loader.bad_shards`.
 The trainer keeps its own `DataAccounting` (see there) that logs the totals and stops the run with
@@ -41,16 +45,17 @@ import itertools
 import json
 import math
 import random
-import warnings
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from t2f.data.faults import DataAccounting, DataFaultError
+from t2f.data.faults import DataAccounting, DataFaultError, FaultCounter
 from t2f.data.manifest import read_manifest
+from t2f.data.remote import DEFAULT_REMOTE, is_remote, location_of, open_location, public
 
 __all__ = ["make_train_loader", "make_eval_loader", "read_manifest", "ShardLoader", "DataAccounting",
            "DataFaultError"]
@@ -92,26 +97,25 @@ class ShardLoader:
 
     def __iter__(self):
         for batch in self._loader:
-            for path, (lost, _, reads) in batch["faults"]["shards"].items():  # warned here: once per shard, not per worker
-                if lost and not self.faults.shards.get(path, [0])[0]:
-                    warnings.warn(f"shard {path} is cut short or damaged: {lost // reads} samples lost each time it is "
-                                  f"read; check the shards with `t2f shards verify {Path(path).parent}`", stacklevel=2)
+            self.faults.warn_new_bad_shards(batch["faults"])  # here, in the main process: once per shard, not per worker
             self.faults.update(batch)
             if "image" in batch:  # a batch of only "faults" reports them at the end of a stream
                 yield batch
 
 
 def make_train_loader(shards_dir, split, *, batch_size, resolution, vocab, rank=0, world_size=1, num_workers=0,
-                      seed=0, epoch=0, resampled=False, shuffle_buffer=1000, max_tokens=50) -> ShardLoader:
-    """Shuffled training batches of exactly `batch_size`, the same number on every rank."""
-    manifest, urls, total = _split_shards(shards_dir, split)
-    read = _shard_reader(shards_dir, manifest, split)
+                      seed=0, epoch=0, resampled=False, shuffle_buffer=1000, max_tokens=50,
+                      remote=DEFAULT_REMOTE) -> ShardLoader:
+    """Shuffled training batches of exactly `batch_size`, the same number on every rank. `shards_dir`
+    may be a URL (t2f/data/remote.py); `remote` bounds the retries of a remote shard."""
+    manifest, urls, total = _split_shards(shards_dir, split, remote)
+    read = _shard_reader(manifest, urls, split, remote)
     readers = world_size * max(1, num_workers)
     if not resampled and len(urls) < readers:
-        raise ValueError(f"split {split!r} in {shards_dir} has {len(urls)} shards, but {world_size} rank(s) x "
+        raise ValueError(f"split {split!r} in {public(shards_dir)} has {len(urls)} shards, but {world_size} rank(s) x "
                          f"{max(1, num_workers)} worker(s) need at least {readers} (one each); rebuild with a smaller "
                          "--shard-size, use fewer data.num_workers, or set data.resampled=true")
-    state, counter = {"epoch": int(epoch)}, _FaultCounter(limit=MAX_CONSECUTIVE_CORRUPT)
+    state, counter = {"epoch": int(epoch)}, FaultCounter(limit=MAX_CONSECUTIVE_CORRUPT)
     if resampled:
         shards = [partial(_resampled_urls, urls, seed, state, rank)]
     else:
@@ -131,11 +135,11 @@ def make_train_loader(shards_dir, split, *, batch_size, resolution, vocab, rank=
 
 
 def make_eval_loader(shards_dir, split, *, batch_size, resolution, vocab, rank=0, world_size=1, num_workers=0,
-                     max_tokens=50) -> ShardLoader:
+                     max_tokens=50, remote=DEFAULT_REMOTE) -> ShardLoader:
     """Every sample exactly once across ranks, in a fixed order, first caption, partial last batch."""
-    manifest, urls, _ = _split_shards(shards_dir, split)
-    read = _shard_reader(shards_dir, manifest, split)
-    state, counter = {"epoch": 0}, _FaultCounter(limit=None)
+    manifest, urls, _ = _split_shards(shards_dir, split, remote)
+    read = _shard_reader(manifest, urls, split, remote)
+    state, counter = {"epoch": 0}, FaultCounter(limit=None)
     stages = [
         partial(_url_list, urls, None, state),
         partial(_split_by_node, rank=rank, world_size=world_size),
@@ -160,27 +164,28 @@ def _eval_batches(manifest, split, rank, world_size, num_workers, batch_size) ->
 # ---------------------------------------------------------------------------- shard stages
 
 
-def _split_shards(shards_dir, split):
-    manifest = read_manifest(shards_dir)
+def _split_shards(shards_dir, split, remote):
+    manifest = read_manifest(shards_dir, remote)
     if split not in manifest["splits"]:
-        raise ValueError(f"split {split!r} is not in {Path(shards_dir) / 'manifest.json'}; "
+        raise ValueError(f"split {split!r} is not in {public(location_of(shards_dir, 'manifest.json'))}; "
                          f"it has: {', '.join(manifest['splits']) or 'none'}")
-    urls = [str(Path(shards_dir) / e["name"]) for e in manifest["splits"][split]["shards"]]
-    missing = [u for u in urls if not Path(u).is_file()]
+    urls = [location_of(shards_dir, e["name"]) for e in manifest["splits"][split]["shards"]]
+    # a remote shard that is missing is skipped and counted when it is read (one request per shard here would be slow)
+    missing = [u for u in urls if not is_remote(u) and not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}; "
                                 f"re-run the build command or `t2f shards verify {shards_dir}`")
     total = manifest["splits"][split]["count"]
     if not urls or total == 0:
-        raise ValueError(f"split {split!r} in {shards_dir} holds no samples")
+        raise ValueError(f"split {split!r} in {public(shards_dir)} holds no samples")
     return manifest, urls, total
 
 
-def _shard_reader(shards_dir, manifest, split):
+def _shard_reader(manifest, urls, split, remote):
     """_read_shard with each shard's sample count and the members every sample has (t2f/data/writer.py)."""
-    counts = {str(Path(shards_dir) / e["name"]): e["count"] for e in manifest["splits"][split]["shards"]}
+    counts = {url: e["count"] for url, e in zip(urls, manifest["splits"][split]["shards"])}
     required = {"json", manifest.get("image_format") or "png"} | ({"text.npy"} if manifest["text_encoder"] else set())
-    return partial(_read_shard, counts=counts, required=frozenset(required))
+    return partial(_read_shard, counts=counts, required=frozenset(required), remote=remote)
 
 
 def _worker_id():
@@ -236,16 +241,26 @@ def _read_shards(src, read, counter, cycle, seed, state, rank):
         rng.shuffle(urls)
 
 
-def _read_shard(url, counter, counts, required):
+def _read_shard(url, counter, counts, required, remote):
     """A shard's samples that came out of the tar whole; the rest of its manifest count is lost.
-    (A tar cut short ends quietly, or with one error, mid-sample: only the count tells.)"""
-    whole = 0  # unreadable data ends the shard or skips a member; the count below tells what it cost
-    for sample in wds.tarfile_samples([{"url": url}], handler=wds.ignore_and_continue):
-        if required <= sample.keys():
-            whole += 1
-            counter.read += 1
-            yield sample
-    counter.lose(url, counts[url] - whole)  # not reached when with_epoch stops mid-shard: nothing lost
+    (A tar cut short ends quietly, or with one error, mid-sample: only the count tells. A remote
+    stream that gave up after its retries ends the shard the same way, and says why.)"""
+    name, whole = public(url), 0  # samples and counts carry the name without a query string
+    try:
+        stream = open_location(url, remote)
+    except OSError as err:  # a local shard removed since the loader started
+        counter.lose(name, counts[url], unreadable=f"{name}: {err.strerror or err}")
+        return
+    with stream:  # unreadable data ends the shard or skips a member; the count below tells what it cost
+        files = tar_file_expander([{"url": name, "stream": stream}], handler=wds.ignore_and_continue)
+        for sample in group_by_keys(files, handler=wds.ignore_and_continue):
+            if required <= sample.keys():
+                whole += 1
+                counter.read += 1
+                yield sample
+    error = getattr(stream, "error", None)  # a RemoteError once a remote stream gave up
+    # not reached when with_epoch stops mid-shard: nothing lost
+    counter.lose(name, counts[url] - whole, unreadable=str(error) if error else None)
 
 
 def _shuffle(src, bufsize, seed, state, rank):
@@ -264,34 +279,6 @@ def _shuffle(src, bufsize, seed, state, rank):
 
 
 # ---------------------------------------------------------------------------- sample stages
-
-
-class _FaultCounter:
-    """Per worker: samples read, corrupt and lost since its last batch, which carries them to the
-    main process (workers are separate processes, restarted every epoch)."""
-
-    def __init__(self, limit):
-        self.consecutive, self.limit = 0, limit
-        self.read, self.corrupt, self.lost, self.shards = 0, 0, 0, {}  # shards: url -> [lost, corrupt, short reads]
-
-    def skip(self, sample, err) -> None:
-        self.corrupt += 1
-        self.shards.setdefault(sample.get("__url__"), [0, 0, 0])[1] += 1
-        self.consecutive += 1
-        warnings.warn(f"skipping corrupt sample {sample.get('__key__')} in {sample.get('__url__')}: {err!r}", stacklevel=2)
-        if self.limit and self.consecutive >= self.limit:
-            raise RuntimeError(f"the last {self.limit} samples were all corrupt; check the shards with `t2f shards verify`")
-
-    def lose(self, url, lost: int) -> None:
-        if lost > 0:
-            self.lost += lost
-            tally = self.shards.setdefault(url, [0, 0, 0])
-            tally[0], tally[2] = tally[0] + lost, tally[2] + 1
-
-    def take(self) -> dict:
-        faults = {"read": self.read, "corrupt": self.corrupt, "lost": self.lost, "shards": self.shards}
-        self.read, self.corrupt, self.lost, self.shards = 0, 0, 0, {}
-        return faults
 
 
 def _decode(src, resolution, counter, features):
@@ -348,7 +335,7 @@ def _batch(src, batch_size, vocab, attribute_names, counter, keep_partial):
             group = []
     if group and keep_partial:
         yield _collate(group, vocab, attribute_names, counter, keep_partial)
-    elif counter.read or counter.corrupt or counter.lost:
+    elif counter.pending():
         yield {"faults": counter.take()}
 
 

@@ -24,6 +24,9 @@
 `inputs` fingerprints what a shard was made from (ids, captions, attributes, image files,
 settings); a rebuild keeps a shard only if its inputs and its file's sha256 both still match.
 
+The manifest is read, and shards verified, from a local folder or a URL (t2f/data/remote.py):
+the manifest's shard names are joined to the same location.
+
 `text_encoder` records the encoder as the build was given it (`pooling` "auto" resolves to "clip"
 for CLIP models and "mean" otherwise; null where an API caller's encoder did not say) and `probe`,
 the float16 features of the set's first caption. `check_text_features` holds a training config to
@@ -40,6 +43,8 @@ import tarfile
 import warnings
 from pathlib import Path
 
+from t2f.data.remote import DEFAULT_REMOTE, RemoteError, is_remote, location_of, open_location, public, read_bytes
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "t2f-shards"
 
@@ -49,15 +54,22 @@ def sha256_file(path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def read_manifest(shards_dir) -> dict:
-    """The manifest of a finished build; a clear error when there is none or it is unfinished."""
-    path = Path(shards_dir) / MANIFEST_NAME
+def read_manifest(shards_dir, remote=DEFAULT_REMOTE) -> dict:
+    """The manifest of a finished build in a folder or at a URL; a clear error when there is none,
+    it is unfinished, or a remote one cannot be read (RemoteError, after `remote.retries`)."""
+    path = public(location_of(shards_dir, MANIFEST_NAME))
     build = f"run `t2f shards build --source ... --out {shards_dir}` (README, 'Real data')"
-    if not path.is_file():
+    if is_remote(shards_dir):
+        build = f"build the shards with `t2f shards build --source ... --out DIR` and copy DIR to {public(shards_dir)}"
+    elif not Path(path).is_file():
         raise FileNotFoundError(f"no shard manifest at {path}; {build}")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+        manifest = json.loads(read_bytes(location_of(shards_dir, MANIFEST_NAME), remote).decode("utf-8"))
+    except RemoteError as err:
+        if err.missing:
+            raise FileNotFoundError(f"no shard manifest at {path}; {build}") from None
+        raise (ValueError(str(err)) if err.permanent else err) from None  # refused, unknown protocol: bad input
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); {build}") from None
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not a t2f shard manifest (format {manifest.get('format')!r})")
@@ -202,32 +214,68 @@ def write_json_atomic(path: Path, data) -> None:
         raise
 
 
-def verify_shards(out_dir, progress=True) -> list:
-    """Problems found re-reading every shard the manifest lists (empty list = all good)."""
+def verify_shards(out_dir, progress=True, remote=DEFAULT_REMOTE) -> list:
+    """Problems found re-reading every shard the manifest lists (empty list = all good); every
+    shard of a remote set is downloaded once, streamed through sha256 and a tar reader."""
     from tqdm import tqdm
 
-    out = Path(out_dir)
-    manifest = read_manifest(out)
+    manifest = read_manifest(out_dir, remote)
     problems = []
-    if manifest.get("vocab") and not (out / manifest["vocab"]).is_file():
-        problems.append(f"{out / manifest['vocab']}: vocabulary file missing")
+    if manifest.get("vocab"):
+        problems += _file_problems(location_of(out_dir, manifest["vocab"]), "vocabulary file", remote)
     shards = [e for split in manifest["splits"].values() for e in split["shards"]]
     for entry in tqdm(shards, desc="verifying", unit="shard", disable=not progress):
-        problems += _shard_problems(out / entry["name"], entry)
+        problems += _shard_problems(location_of(out_dir, entry["name"]), entry, remote)
     return problems
 
 
-def _shard_problems(path: Path, entry: dict) -> list:
-    if not path.is_file():
-        return [f"{path}: missing"]
-    problems = []
-    if sha256_file(path) != entry["sha256"]:
-        problems.append(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
+def _file_problems(where, what, remote) -> list:
+    if not is_remote(where):
+        return [] if Path(where).is_file() else [f"{where}: {what} missing"]
     try:
-        with tarfile.open(path) as tar:
-            keys = {m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()}
-    except (tarfile.TarError, OSError) as err:
-        return problems + [f"{path}: not a readable tar ({err})"]
+        read_bytes(where, remote)
+    except RemoteError as err:
+        return [f"{err}" + (f" ({what} missing)" if err.missing else "")]
+    return []
+
+
+def _shard_problems(where, entry: dict, remote) -> list:
+    name = public(where)
+    if not is_remote(where) and not Path(where).is_file():
+        return [f"{name}: missing"]
+    digest, keys = hashlib.sha256(), set()
+    try:
+        with open_location(where, remote) as stream:
+            reader = _Hashing(stream, digest)
+            try:
+                with tarfile.open(fileobj=reader, mode="r|*") as tar:
+                    keys = {m.name.split(".", 1)[0] for m in tar if m.isfile()}
+                unreadable = None
+            except tarfile.TarError as err:
+                unreadable = f"{name}: not a readable tar ({err})"
+            reader.drain()  # the sha256 covers every byte, also those after the tar's end marker
+    except RemoteError as err:
+        return [f"{err}" + (" (missing)" if err.missing else "")]
+    problems = [] if digest.hexdigest() == entry["sha256"] else [f"{name}: sha256 differs from the manifest "
+                                                                 "(file changed or corrupt)"]
+    if unreadable:
+        return problems + [unreadable]
     if len(keys) != entry["count"]:
-        problems.append(f"{path}: {len(keys)} samples, manifest says {entry['count']}")
+        problems.append(f"{name}: {len(keys)} samples, manifest says {entry['count']}")
     return problems
+
+
+class _Hashing:
+    """A read-only stream that feeds every byte it passes on into `digest` (one pass: hash and tar)."""
+
+    def __init__(self, stream, digest):
+        self.stream, self.digest = stream, digest
+
+    def read(self, size=-1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass

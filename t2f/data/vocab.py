@@ -107,19 +107,22 @@ class Vocab:
 
     @classmethod
     def load(cls, path) -> "Vocab":
-        """Read a vocabulary written by `save`; a missing or foreign file is a clear error."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"vocabulary file {path} not found; it is written beside the shards' manifest "
-                "when shards are built, or set recaptioner.vocab=<path>"
-            )
+        """Read a vocabulary written by `save`, from a file or a URL beside remote shards
+        (t2f/data/remote.py); a missing or foreign file is a clear error."""
+        from t2f.data.remote import RemoteError, is_remote, public, read_bytes
+
+        missing = (f"vocabulary file {public(path)} not found; it is written beside the shards' manifest "
+                   "when shards are built, or set recaptioner.vocab=<path>")
+        if not is_remote(path) and not Path(path).is_file():
+            raise FileNotFoundError(missing)
         try:
-            payload = json.loads(path.read_text(encoding="utf-8"))
+            payload = json.loads(read_bytes(path).decode("utf-8"))
+        except RemoteError as err:
+            raise (FileNotFoundError(missing) if err.missing else err) from None
         except json.JSONDecodeError as err:
-            raise ValueError(f"vocabulary file {path} is not valid JSON: {err}") from err
+            raise ValueError(f"vocabulary file {public(path)} is not valid JSON: {err}") from err
         if not isinstance(payload, dict) or payload.get("format") != FORMAT or "itos" not in payload:
-            raise ValueError(f"{path} is not a t2f vocabulary (expected keys 'format': {FORMAT!r} and 'itos')")
+            raise ValueError(f"{public(path)} is not a t2f vocabulary (expected keys 'format': {FORMAT!r} and 'itos')")
         return cls(payload["itos"])
 
     def __repr__(self) -> str:
