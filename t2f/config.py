@@ -137,8 +137,10 @@ class WandbConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:  # `t2f eval` and the periodic evaluation (t2f/eval/evaluate.py)
-    metrics: str = "fid,lpips,diversity,bleu"  # comma list; toy shards add attributes,toy_fid
-    protocol: str = "one"  # one: first caption of each test image | all: every caption
+    metrics: str = "fid,kid,lpips,diversity,bleu,clip_score,r_precision"  # comma list; toy shards add attributes,toy_fid
+    protocol: str = "one"  # one: first caption of each test image | all: every caption | mmcelebahq: one random caption, 256px
+    caption_seed: int = 0  # seeds the mmcelebahq protocol's caption draw (recorded beside every number)
+    clip: str = ""  # CLIP with both towers for clip_score and r_precision; empty = text.encoder
     max_images: int = 0  # test images for `t2f eval`; 0 = the whole split
     subset: int = 500  # test images for the periodic evaluation during training
     batch_size: int = 16  # per process

@@ -196,9 +196,17 @@ def _free_port() -> int:
 
 
 def test_eval_in_two_processes_matches_one_process(eval_setup):
+    """Every metric, the mmcelebahq caption draw included, on a CLIP text encoder (both towers): 1 == 2 ranks."""
+    from test_eval_clip import tiny_clip
+
     from t2f.eval import evaluate
 
     tmp, args = eval_setup
+    # KID goes through clean-fid's Inception wrapper (a stand-in file); FID on its 2048-d features would
+    # spend half a minute in a matrix square root on a small CPU, and toy_fid covers FID's merging of ranks
+    args = args + [f"text.encoder={tiny_clip(tmp / 'clip')}", "text.pooling=clip", f"eval.inception={_fake_inception(tmp)}",
+                   "--metrics", "toy_fid,attributes,lpips,diversity,bleu,kid,clip_score,r_precision",
+                   "--protocol", "mmcelebahq"]
     two, one = tmp / "two.json", tmp / "one.json"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -213,11 +221,18 @@ def test_eval_in_two_processes_matches_one_process(eval_setup):
 
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert set(a["metrics"]) == {"toy_fid", "lpips_paired", "lpips_diversity", "bleu4", "attribute_accuracy",
-                                 "attribute_exact_match"}
+                                 "attribute_exact_match", "kid", "kid_std", "clip_score", "clip_score_real",
+                                 "r_precision", "r_precision_real"}
     for name, value in a["metrics"].items():
         assert b["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
     assert a["protocol"] == b["protocol"] and a["protocol"]["test_images"] == 8
-    assert "one image per test image" in a["protocol"]["captions"] and "LPIPS v0.1 AlexNet" in a["protocol"]["lpips"]
+    assert a["captions_drawn"] == b["captions_drawn"] and len(a["captions_drawn"]) == 8
+    m = a["metrics"]
+    assert 0 <= m["clip_score"] <= 100 and 0 <= m["clip_score_real"] <= 100 and m["kid_std"] > 0
+    assert 0 <= m["r_precision"] <= 1 and 0 <= m["r_precision_real"] <= 1 and a["r_precision_candidates"] >= 2
+    assert "random" in a["protocol"]["captions"] and "LPIPS v0.1 AlexNet" in a["protocol"]["lpips"]
+    assert "100 x max(cos" in a["protocol"]["clip_score"] and "99" in a["protocol"]["r_precision"]
+    assert a["protocol"]["clip_checkpoint"] == str(tmp / "clip")  # the text encoder's own CLIP
     assert a["step"] == 4 and a["config_hash"] == b["config_hash"]
     assert not a["real_stats"]["toy_fid"]["from_cache"] and Path(a["real_stats"]["toy_fid"]["path"]).is_file()
 
@@ -292,7 +307,8 @@ def builtin_metrics_only(monkeypatch):
 
     from t2f.eval import hooks
 
-    builtin = {name: m for name, m in hooks.registered().items() if name in ("fid", "lpips", "diversity", "bleu")}
+    builtin = {name: m for name, m in hooks.registered().items()
+               if name in ("fid", "kid", "lpips", "diversity", "bleu", "clip_score", "r_precision")}
     monkeypatch.setattr(hooks, "_REGISTRY", builtin)
     monkeypatch.delitem(sys.modules, "t2f.toy.metrics", raising=False)
 

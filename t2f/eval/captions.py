@@ -8,6 +8,8 @@ image used at once (images may have different numbers of references).
 import torch
 from tqdm.auto import tqdm
 
+from t2f.data.remote import public
+
 BLEU_PROTOCOL = "sacreBLEU corpus BLEU-4, tokenize=13a, lowercase, 0-100"
 
 
@@ -61,6 +63,6 @@ def real_image_bleu4(pipeline, shards=None, split=None, max_images=0, batch_size
         if max_images and len(hypotheses) >= max_images:
             hypotheses, references = hypotheses[:max_images], references[:max_images]
             break
-    return {"recaptioner_bleu4": bleu4(hypotheses, references), "images": len(hypotheses), "shards": shards,
+    return {"recaptioner_bleu4": bleu4(hypotheses, references), "images": len(hypotheses), "shards": public(shards),
             "split": split, "protocol": BLEU_PROTOCOL + "; greedy decoding of real images, all their captions as references",
             "examples": [{"read": h, "reference": r[0]} for h, r in zip(hypotheses[:5], references[:5])]}

@@ -1,6 +1,7 @@
-"""`t2f eval`: FID, LPIPS and text consistency of a checkpoint on a test split; also the periodic eval.
+"""`t2f eval`: FID, KID, LPIPS and text-image agreement of a checkpoint on a test split; also the periodic eval.
 
-    t2f eval --ckpt runs/mmcelebahq --metrics fid,lpips --protocol one
+    t2f eval --ckpt runs/mmcelebahq --metrics fid,kid,lpips --protocol mmcelebahq
+    t2f eval --table --ckpt runs/mmcelebahq                                # its numbers beside the paper's
     t2f eval --ckpt runs/x --plugin t2f.toy.metrics --metrics attributes   # a world's metric on other shards
     accelerate launch -m t2f.eval.evaluate --ckpt runs/mmcelebahq          # every GPU takes a slice
 
@@ -13,18 +14,24 @@
 What is measured (the protocol is written next to every number, in the log and in metrics.json):
 - fid: clean-fid 'clean' FID, images generated from the split's captions vs the split's real
   images (t2f/eval/fid.py); real statistics are cached per (shards, split, resolution, subset,
-  protocol, extractor);
+  protocol, extractor); kid: clean-fid's KID on the same features, with its spread (t2f/eval/kid.py);
 - lpips (paired, the paper's): generated image vs the real image of its caption; diversity:
   two samples of the same caption (t2f/eval/lpips.py);
 - bleu: the recaptioner's greedy caption of each generated image vs the caption it was made from;
+- clip_score, r_precision: CLIP's agreement of each generated image with its caption, and
+  AttnGAN's ranking of the true caption among 99 others (t2f/eval/clip.py), with the real
+  images' values beside them; skipped with the reason when the text encoder has no image tower;
 - whatever the shards' world registers (t2f/eval/hooks.py): the manifest names the modules, which
   may add metrics on their own shards (the toy world's attributes and toy_fid).
 
-Caption protocol: `one` generates one image from the first caption of every test image; `all`
-generates one image from every caption. Every rank reads the split in the same order and takes
+Caption protocol (t2f/eval/protocols.py): `one` generates one image from the first caption of
+every test image; `all` one image from every caption; `mmcelebahq` the dataset maintainers' one
+caption drawn at random per image (seeded, recorded), at 256px. Every rank reads the split in the same order and takes
 every world_size-th image, so a subset means the same images on any number of ranks; per-image
 CA noise is seeded from (seed, image id, caption index), so results do not depend on the rank
-count. Ranks send their partial results to rank 0, which computes and writes metrics.json.
+count. Ranks send their partial results to rank 0, which computes and writes metrics.json; what
+needs the whole set at once (KID's subsets, R-precision's distractors) is drawn there, from
+results sorted by image id, so it is the same on any number of ranks.
 """
 
 import argparse
@@ -38,42 +45,13 @@ from pathlib import Path
 
 import torch
 
+from t2f.data.remote import public
+from t2f.eval.distributed import broadcast, gather, leave_process_group, rank_world
 from t2f.eval.fid import FidMeter, RealStatsCache
 from t2f.eval.hooks import EvalHooks, Generated, build_hooks, load_plugins, manifest_plugins, registered, select_metrics
-from t2f.eval.report import PROTOCOLS, metrics_record, report, truncation_of
+from t2f.eval.protocols import PROTOCOLS, check_protocol, eval_resolution, protocol_captions
+from t2f.eval.report import metrics_record, report, truncation_of
 from t2f.inference import resize_images, sample_seed
-
-# ---------------------------------------------------------------------------- distributed helpers
-
-
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather(obj, world: int) -> list | None:
-    """Every rank's `obj` on rank 0 (None elsewhere)."""
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * world if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-def _broadcast(obj, world: int):
-    if world == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
 
 # ---------------------------------------------------------------------------- the evaluation
 
@@ -93,16 +71,15 @@ def evaluate(pipeline, *, shards=None, split=None, max_images=None, step=None, o
     cfg, e = pipeline.cfg, pipeline.cfg.eval
     shards, split = str(shards or cfg.data.shards), split or cfg.data.eval_split
     max_images = e.max_images if max_images is None else max_images
-    if e.protocol not in PROTOCOLS:
-        raise ValueError(f"eval.protocol must be one of {', '.join(PROTOCOLS)}, got {e.protocol!r}")
+    check_protocol(e.protocol)
     manifest = read_manifest(shards)
     load_plugins(manifest_plugins(manifest))
     metrics = select_metrics(e.metrics, manifest)
     hooks, skipped = build_hooks(cfg, pipeline.device, metrics, hooks, skip_missing)
     skipped = {m: why for m, why in skipped.items() if m in metrics}
     metrics = [m for m in metrics if m not in skipped]
-    rank, world = _rank_world()
-    resolution = e.resolution or cfg.data.resolution
+    rank, world = rank_world()
+    resolution = eval_resolution(cfg)
     data_id = {"split": split, "shards": _split_digest(manifest, split), "resolution": resolution,
                "max_images": max_images, "protocol": e.protocol}
     meters = _fid_meters(hooks, metrics, data_id, e.stats_cache, world)
@@ -112,16 +89,16 @@ def evaluate(pipeline, *, shards=None, split=None, max_images=None, step=None, o
     total = min(max_images or math.inf, manifest["splits"][split]["count"])
     bar = _progress(math.ceil(total / world), enabled=progress and rank == 0)
     records, seen = _run(pipeline, loader, rank, world, max_images, meters, hooks, metrics, resolution, bar)
-    parts = _gather((records, {name: m.moments() for name, m in meters.items()}), world)
+    parts = gather((records, {name: m.moments() for name, m in meters.items()}), world)
     result = None
     if rank == 0:
-        values, details = _combine(parts, meters, metrics)
+        values, details = _combine(parts, meters, metrics, e.seed, e.protocol)
         generated = sum(len(r) for r, _ in parts)
-        result = metrics_record(pipeline, values, metrics, skipped, seen, data_id, shards, step,
-                                time.perf_counter() - tic, meters, generated)
+        result = metrics_record(pipeline, values, metrics, skipped, seen, data_id, public(shards), step,
+                                time.perf_counter() - tic, meters, generated, manifest)
         result.update(details)
         report(result, out_path, log_fn)
-    return _broadcast(result, world)
+    return broadcast(result, world)
 
 
 def _split_digest(manifest: dict, split: str) -> str:
@@ -132,12 +109,19 @@ def _split_digest(manifest: dict, split: str) -> str:
     return hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
 
 
+def _feature_metrics(metrics) -> list:
+    return [m for m in registered().values() if m.kind in ("fid", "kid") and m.name in metrics]
+
+
 def _fid_meters(hooks, metrics, data_id, stats_cache, world) -> dict:
-    cache = RealStatsCache(stats_cache or None)
-    fids = [m for m in registered().values() if m.kind == "fid" and m.name in metrics]
-    meters = {m.name: FidMeter(hooks.parts[m.part_key], data_id, cache) for m in fids}
+    """One meter per feature extractor (fid and kid of the same part share it), keyed by part."""
+    cache, meters = RealStatsCache(stats_cache or None), {}
+    for m in _feature_metrics(metrics):
+        if m.part_key not in meters:
+            keep = any(k.kind == "kid" and k.part_key == m.part_key for k in _feature_metrics(metrics))
+            meters[m.part_key] = FidMeter(hooks.parts[m.part_key], data_id, cache, keep_features=keep)
     # rank 0 alone computes and caches the real statistics: every rank follows its decision
-    needs = _broadcast({name: m.needs_real for name, m in meters.items()}, world)
+    needs = broadcast({name: m.needs_real for name, m in meters.items()}, world)
     for name, meter in meters.items():
         meter.collect_real = needs[name]
     return meters
@@ -179,9 +163,9 @@ def _run(pipeline, loader, rank, world, limit, meters, hooks, metrics, resolutio
     for group in _chunks(images, e.batch_size):
         reals = torch.stack([image for _, image, _ in group]).to(pipeline.device)  # (B, 3, R, R)
         for meter in meters.values():
-            meter.add_real(reals)
+            meter.add_real(reals, [key for key, _, _ in group])
         jobs = [(i, key, c, caption) for i, (key, _, captions) in enumerate(group)
-                for c, caption in enumerate(captions[:1] if e.protocol == "one" else captions)]
+                for c, caption in protocol_captions(e, key, captions)]
         for chunk in _chunks(jobs, e.batch_size):
             records += _score(pipeline, chunk, reals, meters, hooks, metrics, resolution)
         bar.update(len(group))
@@ -205,7 +189,7 @@ def _score(pipeline, jobs, reals, meters, hooks, metrics, resolution) -> list[di
     captions = [caption for _, _, _, caption in jobs]
     fakes = _generate(pipeline, captions, [sample_seed(e.seed, key, c, 0) for _, key, c, _ in jobs], resolution)
     for meter in meters.values():
-        meter.add_generated(fakes)
+        meter.add_generated(fakes, [f"{key}#{c:04d}" for _, key, c, _ in jobs])
     paired = reals[[i for i, _, _, _ in jobs]]  # (B, 3, R, R): the real image of each caption
 
     def again():  # a second sample of each caption (other CA noise), made only if a metric asks
@@ -219,12 +203,20 @@ def _score(pipeline, jobs, reals, meters, hooks, metrics, resolution) -> list[di
     return out
 
 
-def _combine(parts, meters, metrics) -> tuple[dict, dict]:
+def _combine(parts, meters, metrics, seed: int, protocol: str) -> tuple[dict, dict]:
     """Rank 0: (values, extra record keys) from every rank's records and moments, independent of rank order."""
     records = sorted((r for rs, _ in parts for r in rs), key=lambda r: (r["key"], r["caption_index"]))
     for name, meter in meters.items():
         meter.use_moments([moments[name] for _, moments in parts])
-    values, details = {name: meter.compute() for name, meter in meters.items()}, {}
+    values, details = {}, {}
+    for metric in _feature_metrics(metrics):
+        meter = meters[metric.part_key]
+        if metric.kind == "fid":
+            values[metric.name] = meter.compute()
+        else:
+            values.update(zip(metric.value_names, meter.kid(seed)))
+    if protocol == "mmcelebahq":  # the draw, recorded: which caption of every image was used
+        details["captions_drawn"] = {r["key"]: r["caption_index"] for r in records}
     for metric in _per_image(metrics):
         values.update(metric.summarise(records))
         if metric.details is not None:
@@ -237,19 +229,23 @@ def _combine(parts, meters, metrics) -> tuple[dict, dict]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="t2f eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="run directory (its latest checkpoint) or checkpoint directory")
+    p.add_argument("--ckpt", help="run directory (its latest checkpoint) or checkpoint directory (required to evaluate)")
     p.add_argument("--shards", help="shard directory (default: the checkpoint's data.shards)")
     p.add_argument("--split", help="split to evaluate (default: the checkpoint's data.eval_split)")
     p.add_argument("--metrics", help=f"comma list of {', '.join(registered())} and the metrics of the shards' "
                    "world (default: eval.metrics)")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="also import MODULE, which registers metrics (e.g. t2f.toy.metrics); repeatable")
-    p.add_argument("--protocol", choices=sorted(PROTOCOLS), help="caption protocol (default: eval.protocol = one)")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), help="caption protocol (default: eval.protocol = one; "
+                   "mmcelebahq: the dataset maintainers', one random caption per test image at 256px)")
     p.add_argument("--max-images", type=int, help="first N test images only (default: eval.max_images, 0 = all)")
     p.add_argument("--out", help="metrics JSON path (default: CHECKPOINT/metrics.json)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--recaptioner-only", action="store_true",
                    help="only the recaptioner's BLEU-4 on real test images (is it fit to train through?)")
+    p.add_argument("--table", nargs="*", metavar="RESULT",
+                   help="print a Markdown table of evaluations (metrics.json files or checkpoint dirs; none: --ckpt's) "
+                        "next to the paper's numbers, with each column's protocol; evaluates nothing")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. eval.inception=/path eval.batch_size=32")
     return p
 
@@ -270,6 +266,13 @@ def main(argv=None) -> int:
     from t2f.models.text_encoder import TextEncoderError
 
     args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    if args.table is not None:
+        from t2f.eval.table import main as table_main
+
+        return table_main(args.table or ([args.ckpt] if args.ckpt else []), args.out)
+    if not args.ckpt:
+        print("t2f eval: --ckpt RUN_OR_CHECKPOINT is required (or --table to print results)", file=sys.stderr)
+        return 2
     cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
     if args.device == "cuda" and not torch.cuda.is_available():
         print("t2f eval: --device cuda but CUDA is not available here; use --device cpu", file=sys.stderr)
@@ -290,7 +293,7 @@ def main(argv=None) -> int:
         print(f"t2f eval: {err}", file=sys.stderr)
         return 2
     finally:
-        _leave_process_group()
+        leave_process_group()
     return 0
 
 
@@ -305,13 +308,6 @@ def _recaptioner_only(pipeline, args, out, main_process) -> int:
     print(f"recaptioner BLEU-4 on {record['images']} real {record['split']} images: {record['recaptioner_bleu4']:.2f} "
           f"({record['protocol']}); wrote {out}")
     return 0
-
-
-def _leave_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

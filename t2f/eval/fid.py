@@ -14,6 +14,8 @@ name is part of the statistics cache key.
 
 Real statistics (mean and covariance of the real images' features) cost a full pass over the
 split, so `RealStatsCache` keeps them as .npz files keyed by a hash of everything they depend on.
+KID (t2f/eval/kid.py) uses the same features: a meter with `keep_features` also keeps every row
+with its image id (and caches the real ones).
 """
 
 import hashlib
@@ -169,19 +171,34 @@ class RealStatsCache:
 
     def load(self, parts: dict):
         """(mu, sigma) when cached for exactly these parts, else None."""
+        data = self._read(parts)
+        return None if data is None else (data["mu"], data["sigma"])
+
+    def save(self, parts: dict, mu: np.ndarray, sigma: np.ndarray) -> Path:
+        return self._write(parts, mu=mu, sigma=sigma)
+
+    def load_features(self, parts: dict):
+        """(ids, features) of the real images (KID needs them, not only their moments), or None."""
+        data = self._read({**parts, "store": "features"})
+        return None if data is None else (data["ids"].tolist(), data["features"])
+
+    def save_features(self, parts: dict, ids: list, features: np.ndarray) -> Path:
+        return self._write({**parts, "store": "features"}, ids=np.array(ids, dtype=str), features=features)
+
+    def _read(self, parts: dict):
         path = self.path(parts)
         if not path.is_file():
             return None
         with np.load(path, allow_pickle=False) as data:
             if json.loads(str(data["parts"])) != json.loads(json.dumps(parts, default=str)):
                 return None  # a hash collision or a hand-edited file: recompute
-            return data["mu"], data["sigma"]
+            return {k: data[k] for k in data.files if k != "parts"}
 
-    def save(self, parts: dict, mu: np.ndarray, sigma: np.ndarray) -> Path:
+    def _write(self, parts: dict, **arrays) -> Path:
         path = self.path(parts)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, mu=mu, sigma=sigma, parts=np.array(json.dumps(parts, sort_keys=True, default=str)))
+        np.savez(tmp, **arrays, parts=np.array(json.dumps(parts, sort_keys=True, default=str)))
         os.replace(tmp, path)  # readers never see half a file
         return path
 
@@ -223,52 +240,105 @@ class FeatureMoments:
         return mu, (sigma + sigma.T) / 2  # exact symmetry for sqrtm
 
 
+class FeatureBank:
+    """Feature rows with the id of their image, mergeable across ranks; `stacked()` sorts by id, so the
+    same images come out in the same order on any number of ranks (KID draws its subsets from it)."""
+
+    def __init__(self):
+        self.ids, self.rows = [], []
+
+    def add(self, ids, features: np.ndarray) -> None:
+        if ids is None or len(ids) != len(features):
+            raise ValueError("KID needs the id of every image whose features it keeps")
+        self.ids += [str(i) for i in ids]
+        self.rows.append(np.asarray(features, dtype=np.float32))  # (B, F): Inception's own precision
+
+    def merge(self, other: "FeatureBank") -> None:
+        self.ids += other.ids
+        self.rows += other.rows
+
+    def stacked(self) -> tuple[list, np.ndarray]:
+        order = sorted(range(len(self.ids)), key=self.ids.__getitem__)
+        features = np.concatenate(self.rows) if self.rows else np.zeros((0, 0), np.float32)
+        return [self.ids[i] for i in order], features[order]
+
+
 class FidMeter:
-    """FID of generated vs real images seen batch by batch, real statistics from/to a cache.
+    """FID (and KID) of generated vs real images seen batch by batch, real statistics from/to a cache.
 
         meter = FidMeter(extractor, parts, cache)   # parts: what the real statistics depend on
-        meter.add_generated(images); meter.add_real(images)   # add_real is a no-op when cached
+        meter.add_generated(images, ids); meter.add_real(images, ids)   # add_real is a no-op when cached
         fid = meter.compute()                        # saves the real statistics when it made them
+        kid, kid_std = meter.kid(seed)               # with keep_features=True: every feature row is kept
 
     `parts` must say everything that changes the real set (shards, split, resolution, subset,
-    protocol); the extractor's name is added to it.
+    protocol); the extractor's name is added to it. FID needs only the moments of the features;
+    KID needs the features themselves, so with `keep_features` the real ones are cached too.
     """
 
-    def __init__(self, extractor, parts: dict, cache: RealStatsCache | None = None, use_cache: bool = True):
-        self.extractor, self.cache = extractor, cache
+    def __init__(self, extractor, parts: dict, cache: RealStatsCache | None = None, use_cache: bool = True,
+                 keep_features: bool = False):
+        self.extractor, self.cache, self.keep_features = extractor, cache, keep_features
         self.parts = {**parts, "extractor": extractor.name, "fid_mode": CLEAN_MODE}
-        cached = cache.load(self.parts) if (cache is not None and use_cache) else None
-        self.real_stats = cached
-        self.real_from_cache = cached is not None
+        use = cache is not None and use_cache
+        self.real_stats = cache.load(self.parts) if use else None
+        self.real_features = cache.load_features(self.parts) if use and keep_features else None
         # Whether add_real collects features; on other ranks evaluate() sets it from rank 0's cache.
-        self.collect_real = cached is None
+        self.collect_real = self.needs_real
+        self.real_from_cache = not self.needs_real
         self.generated, self.real = FeatureMoments(), FeatureMoments()
+        self.generated_bank, self.real_bank = FeatureBank(), FeatureBank()
 
     @property
     def needs_real(self) -> bool:
-        return self.real_stats is None
+        return self.real_stats is None or (self.keep_features and self.real_features is None)
 
-    def add_generated(self, images: torch.Tensor) -> None:
-        self.generated.add(extract_features(self.extractor, images))
+    def add_generated(self, images: torch.Tensor, ids=None) -> None:
+        features = extract_features(self.extractor, images)
+        self.generated.add(features)
+        if self.keep_features:
+            self.generated_bank.add(ids, features)
 
-    def add_real(self, images: torch.Tensor) -> None:
+    def add_real(self, images: torch.Tensor, ids=None) -> None:
         if self.collect_real:
-            self.real.add(extract_features(self.extractor, images))
+            features = extract_features(self.extractor, images)
+            self.real.add(features)
+            if self.keep_features:
+                self.real_bank.add(ids, features)
 
     def compute(self) -> float:
-        if self.needs_real:
+        if self.real_stats is None:
             self.real_stats = self.real.statistics()
             if self.cache is not None:
                 self.cache.save(self.parts, *self.real_stats)
         return fid_from_stats(*self.generated.statistics(), *self.real_stats)
 
+    def kid(self, seed: int = 0, **subsets) -> tuple[float, float]:
+        """(KID, its standard deviation over the subsets) of the kept features (t2f/eval/kid.py; `subsets`:
+        num_subsets, subset_size)."""
+        from t2f.eval.kid import kid_from_features
+
+        if not self.keep_features:
+            raise ValueError("KID needs FidMeter(..., keep_features=True)")
+        if self.real_features is None:
+            self.real_features = self.real_bank.stacked()
+            if self.cache is not None:
+                self.cache.save_features(self.parts, *self.real_features)
+                if self.real_stats is None:  # KID alone: cache FID's statistics too, or the next run reads the images again
+                    self.real_stats = self.real.statistics()
+                    self.cache.save(self.parts, *self.real_stats)
+        return kid_from_features(self.generated_bank.stacked()[1], self.real_features[1], seed=seed, **subsets)
+
     def moments(self) -> tuple:
         """What another rank needs to `merge` this one (plain numpy; picklable without the extractor)."""
-        return self.generated, self.real
+        return self.generated, self.real, self.generated_bank, self.real_bank
 
     def use_moments(self, per_rank: list) -> None:
         """Replace this meter's moments by the sum of every rank's `moments()` (its own included)."""
         self.generated, self.real = FeatureMoments(), FeatureMoments()
-        for generated, real in per_rank:
+        self.generated_bank, self.real_bank = FeatureBank(), FeatureBank()
+        for generated, real, generated_bank, real_bank in per_rank:
             self.generated.merge(generated)
             self.real.merge(real)
+            self.generated_bank.merge(generated_bank)
+            self.real_bank.merge(real_bank)

@@ -8,11 +8,14 @@ own without the evaluator naming it:
                            score=..., summarise=..., values=("attribute_accuracy", ...),
                            auto=lambda manifest: manifest.get("source") == "toy"))
 
-Two kinds: "fid" (`build(cfg, device)` returns a `feature_extractor`; the metric's value is
-the FID on those features, under the metric's name) and "per_image" (`score(part, generated)`
-returns one entry per generated image; `summarise(records)` turns the records of all ranks, in
-a fixed order, into values; `details(records)` may add more keys to the record). A metric whose
-`auto(manifest)` is true runs on those shards without being asked.
+Three kinds: "fid" (`build(cfg, device)` returns a `feature_extractor`; the metric's value is
+the FID on those features, under the metric's name), "kid" (the same, with KID and its spread as
+values; a kid and a fid metric with the same `part` share one pass of the extractor) and
+"per_image" (`score(part, generated)` returns one entry per generated image; `summarise(records)`
+turns the records of all ranks, in a fixed order, into values; `details(records)` may add more
+keys to the record). A metric whose `auto(manifest)` is true runs on those shards without being
+asked. A `build` that raises MetricUnavailable (CLIP metrics with a text encoder that has no
+image tower) skips its metric with the reason, whatever `skip_missing` says.
 
 Plugins: a shard manifest names the modules that register its world's metrics under
 `options.eval_plugins` (the toy shards name t2f.toy.metrics); `evaluate()` imports them before
@@ -32,12 +35,14 @@ from typing import Callable
 
 import torch
 
+from t2f.eval import clip
 from t2f.eval.captions import BLEU_PROTOCOL, bleu4
 from t2f.eval.fid import InceptionFeatures
+from t2f.eval.kid import KID_PROTOCOL
 from t2f.eval.lpips import load_lpips, lpips_distance
 
 PLUGINS_OPTION = "eval_plugins"  # key in a manifest's "options": modules that register metrics
-KINDS = ("fid", "per_image")
+KINDS = ("fid", "kid", "per_image")  # kid: values (name, name_std)
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ class Metric:
     score: Callable | None = None  # per_image: (part, Generated) -> one entry per image
     summarise: Callable | None = None  # per_image: records -> {value name: float}
     details: Callable | None = None  # records -> {extra record key: value}
-    values: tuple = ()  # the value names it reports (fid: its own name)
+    values: tuple = ()  # the value names it reports (fid: its own name; kid: name, name_std)
     part: str = ""  # parts with the same key are built once (lpips, diversity); default: the name
     auto: Callable | None = None  # manifest -> True: run on these shards without being asked
 
@@ -59,7 +64,13 @@ class Metric:
 
     @property
     def value_names(self) -> tuple:
+        if self.kind == "kid":
+            return self.values or (self.name, f"{self.name}_std")
         return self.values or (self.name,)
+
+
+class MetricUnavailable(RuntimeError):
+    """Raised by a metric's `build` when these models cannot measure it; the message is the reason."""
 
 
 _REGISTRY: dict[str, Metric] = {}
@@ -128,6 +139,9 @@ def build_hooks(cfg, device, metrics, given: EvalHooks | None = None, skip_missi
             continue
         try:
             hooks.parts[metric.part_key] = metric.build(cfg, device)
+        except MetricUnavailable as err:
+            hooks.skipped[name] = " ".join(str(err).split())
+            warnings.warn(f"eval: skipping {name}: {err}", stacklevel=2)
         except FileNotFoundError as err:  # Inception's and LPIPS's "weights missing" errors are ones too
             if not skip_missing:
                 raise
@@ -142,7 +156,13 @@ class Generated:
 
     def __init__(self, pipeline, images, captions, reals, regenerate):
         self.pipeline, self.images, self.captions, self.reals = pipeline, images, captions, reals
-        self._regenerate = regenerate
+        self._regenerate, self._memo = regenerate, {}
+
+    def memo(self, name: str, make: Callable):
+        """`make()` once per chunk: metrics that share a part (CLIP score, R-precision) share its work."""
+        if name not in self._memo:
+            self._memo[name] = make()
+        return self._memo[name]
 
     @functools.cached_property
     def second_sample(self) -> torch.Tensor:
@@ -164,6 +184,9 @@ register_metric(Metric(
     "fid", "clean-fid mode=clean (8-bit images, PIL bicubic to 299), Inception-v3 pool3 2048-d; generated vs real",
     kind="fid", build=lambda cfg, device: InceptionFeatures(cfg.eval.inception, device=device)))
 register_metric(Metric(
+    "kid", KID_PROTOCOL, kind="kid", part="fid",
+    build=lambda cfg, device: InceptionFeatures(cfg.eval.inception, device=device)))
+register_metric(Metric(
     "lpips", "LPIPS v0.1 AlexNet, generated image vs the real image of its caption (the paper's pairing), mean",
     build=_lpips_model, part="lpips", values=("lpips_paired",), summarise=_mean_of("lpips", "lpips_paired"),
     score=lambda model, g: lpips_distance(model, g.images, g.reals).tolist()))
@@ -175,3 +198,18 @@ register_metric(Metric(
     "bleu", f"{BLEU_PROTOCOL}; recaptioner greedy decoding of each generated image vs its input caption",
     values=("bleu4",), score=lambda _, g: g.pipeline.read_back(g.images),
     summarise=lambda records: {"bleu4": bleu4([r["bleu"] for r in records], [[r["caption"]] for r in records])}))
+
+
+def _clip_part(cfg, device):
+    try:
+        return clip.build_clip_scorer(cfg, device)
+    except clip.MissingImageTower as err:
+        raise MetricUnavailable(str(err)) from None
+
+
+register_metric(Metric(
+    "clip_score", clip.CLIP_SCORE_PROTOCOL, build=_clip_part, part="clip", values=("clip_score", "clip_score_real"),
+    score=clip.score_clip, summarise=clip.summarise_clip))
+register_metric(Metric(
+    "r_precision", clip.R_PRECISION_PROTOCOL, build=_clip_part, part="clip", values=("r_precision", "r_precision_real"),
+    score=clip.score_r_precision, summarise=clip.summarise_r_precision, details=clip.r_precision_details))
