@@ -13,8 +13,10 @@ COMMANDS = {
     "bench": ("t2f.bench", "benchmarks that print fast-path / reference ratios (ops, generator, data, train)"),
     "shards": ("t2f.shards_cli", "build WebDataset shards + manifest from MM-CelebA-HQ, CelebAText-HQ or a jsonl; verify them"),
     "generate": ("t2f.generate", "faces from captions with a trained checkpoint: a captioned grid or one PNG per image"),
-    "eval": ("t2f.eval.evaluate", "FID (clean-fid), LPIPS and text consistency of a checkpoint on a test split"),
+    "serve": ("t2f.serve", "a web page (Gradio) to try a checkpoint: faces, read-back, the recaptioner's attention"),
+    "eval": ("t2f.eval.evaluate", "FID, KID (clean-fid), LPIPS, CLIP score and R-precision of a checkpoint on a test split"),
     "toy": ("t2f.toy.cli", "the toy world: render faces, build its shards, refit its generator or attribute classifier"),
+    "standins": ("t2f.standins", "random-weight stand-ins of CLIP, StyleGAN2 FFHQ-1024, ResNet-101 and both CelebA sets, real formats"),
 }
 
 
