@@ -3,12 +3,15 @@
     t2f generate --ckpt runs/mmcelebahq "a smiling woman with blond hair" "a man with a beard" \\
         --n 4 --seed 0 --truncation 0.7 --out grid.png
     t2f generate --ckpt runs/toy --captions captions.txt --out-dir faces/ --device cpu
+    t2f generate --ckpt runs/demo "the woman has blond hair ." --attention attention.png
 
 One row per caption, `--n` samples in it, the caption written under the row (`--read-back` adds
-what the recaptioner reads from each image). The same checkpoint, captions, seed and device give
-the same bytes. Bad input (an empty caption, a missing or foreign checkpoint, an output path that
-cannot be written, a truncation psi outside [0, 2] or NaN) is reported in one line on stderr with
-exit status 2. A caption longer than the text encoder's window is cut to the part the encoder
+what the recaptioner reads from each image; `--attention FILE` draws where it looked for each word
+it read from the first image, t2f/attention.py). The same checkpoint, captions, seed and device
+give the same bytes; `t2f serve` draws through the same code, and its settings JSON holds the
+command that gives its faces again. Bad input (an empty caption, a missing or foreign checkpoint,
+an output path that cannot be written, a truncation psi outside [0, 2] or NaN) is reported in one
+line on stderr with exit status 2. A caption longer than the text encoder's window is cut to the part the encoder
 reads, with a warning, and drawn (and listed in captions.tsv) cut, ending in "…".
 """
 
@@ -43,9 +46,13 @@ def _parser() -> argparse.ArgumentParser:
                         "default: the checkpoint's generator.truncation_psi, as in its sample grids")
     p.add_argument("--no-ema", action="store_true",
                    help="draw with the trained CA head and mapper even when the checkpoint keeps their EMA")
+    p.add_argument("--no-ca-noise", action="store_true",
+                   help="use the CA mean instead of sampling around it: every sample of a caption is the same face")
     p.add_argument("--out", help="grid PNG path (default grid.png unless --out-dir is given)")
     p.add_argument("--out-dir", help="also write one PNG per image into this folder")
     p.add_argument("--read-back", action="store_true", help="write the recaptioner's reading under each image")
+    p.add_argument("--attention", metavar="FILE",
+                   help="also write the recaptioner's attention for each word it reads from the first image (PNG)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the checkpoint's config, e.g. --set text.encoder=/models/clip (repeatable)")
@@ -75,14 +82,10 @@ def read_captions(args) -> list[str]:
 def check_outputs(args) -> tuple[Path | None, Path | None]:
     """(grid path, folder) after checking both can be written, before any model is loaded."""
     grid = Path(args.out) if args.out else (None if args.out_dir else Path("grid.png"))
-    if grid is not None:
-        if grid.is_dir():
-            raise UsageError(f"--out {grid} is a directory; give a file name such as {grid / 'grid.png'}")
-        parent = grid.parent if str(grid.parent) else Path(".")
-        if not parent.is_dir():
-            raise UsageError(f"cannot write {grid}: folder {parent} does not exist")
-        if not _can_write_into(parent) or (grid.exists() and not os.access(grid, os.W_OK)):
-            raise UsageError(f"cannot write {grid}: permission denied")
+    for flag, path, example in (("--out", grid, "grid.png"),
+                                ("--attention", Path(args.attention) if args.attention else None, "attention.png")):
+        if path is not None:
+            check_writable_file(flag, path, example)
     folder = Path(args.out_dir) if args.out_dir else None
     if folder is not None:
         try:
@@ -92,6 +95,16 @@ def check_outputs(args) -> tuple[Path | None, Path | None]:
         if not _can_write_into(folder):
             raise UsageError(f"cannot write into --out-dir {folder}: permission denied")
     return grid, folder
+
+
+def check_writable_file(flag: str, path: Path, example: str) -> None:
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file name such as {path / example}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"cannot write {path}: folder {parent} does not exist")
+    if not _can_write_into(parent) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"cannot write {path}: permission denied")
 
 
 def _can_write_into(folder: Path) -> bool:
@@ -123,14 +136,19 @@ def check_truncation(psi: float) -> float:
 
 def cut_to_window(pipeline, captions: list[str]) -> list[str]:
     """Captions as the text encoder reads them: a too-long one is cut to its window, with a warning."""
-    encoder = pipeline.text_encoder
     captions = list(captions)
     for i in pipeline.too_long(captions):
-        captions[i] = _read_part(encoder.tokenizer, captions[i], encoder.max_length).rstrip() + " …"
+        captions[i] = window_part(pipeline, captions[i])
         print(f"t2f generate: warning: caption {i + 1} is longer than the text encoder's window of "
-              f"{encoder.max_length} tokens; only its beginning is used (and drawn): {captions[i][:60]!r}",
+              f"{pipeline.text_encoder.max_length} tokens; only its beginning is used (and drawn): {captions[i][:60]!r}",
               file=sys.stderr)
     return captions
+
+
+def window_part(pipeline, caption: str) -> str:
+    """The part of a too-long caption that the text encoder reads, ending in " …" (as drawn)."""
+    encoder = pipeline.text_encoder
+    return _read_part(encoder.tokenizer, caption, encoder.max_length).rstrip() + " …"
 
 
 def _read_part(tokenizer, caption: str, window: int) -> str:
@@ -165,6 +183,18 @@ def write_images(images, captions, n: int, grid: Path | None, folder: Path | Non
         raise UsageError(f"cannot write output: {err}") from None
 
 
+def write_attention(pipeline, image, path: Path) -> None:
+    """The show-attend-tell figure of `image` (3, H, W): where the recaptioner looked for each word."""
+    from t2f.attention import attention_figure
+
+    reading = pipeline.read_back_with_attention(image[None])[0]
+    try:
+        attention_figure(image, reading.words, reading.attention).save(path)
+    except OSError as err:
+        raise UsageError(f"cannot write --attention {path}: {err}") from None
+    print(f"wrote {path} (attention for: {reading.text or 'no words'})")
+
+
 def main(argv=None) -> int:
     from t2f.checkpointing import CheckpointNotFound
     from t2f.config import ConfigError
@@ -183,9 +213,12 @@ def main(argv=None) -> int:
         pipeline = load_pipeline(args.ckpt, device=_device(args.device), overrides=args.set, use_ema=not args.no_ema)
         psi = check_truncation(pipeline.cfg.generator.truncation_psi if args.truncation is None else args.truncation)
         shown = cut_to_window(pipeline, captions)
-        images = pipeline.generate(captions, n=args.n, seed=args.seed, truncation_psi=psi).cpu()
+        images = pipeline.generate(captions, n=args.n, seed=args.seed, truncation_psi=psi,
+                                   ca_noise=not args.no_ca_noise).cpu()
         subcaptions = pipeline.read_back(images) if args.read_back else None
         write_images(images, shown, args.n, grid, folder, subcaptions)
+        if args.attention:
+            write_attention(pipeline, images[0], Path(args.attention))
     except (UsageError, CheckpointNotFound, PipelineError, ConfigError, TextEncoderError, CheckpointError,
             FileNotFoundError) as err:  # FileNotFoundError: weights a config names (messages say which)
         print(f"t2f generate: {err}", file=sys.stderr)

@@ -3,6 +3,7 @@
     pipe = load_pipeline("runs/mmcelebahq", device="cuda")          # a run dir or a checkpoint dir
     images = pipe.generate(["a smiling woman with blond hair"], n=4, seed=0, truncation_psi=0.7)
     pipe.read_back(images)                                           # what the recaptioner reads
+    pipe.read_back_with_attention(images)[0].attention               # where it looked, word by word
 
 `Pipeline.from_parts(...)` wraps models that are already in memory: the trainer's sample grids and
 periodic evaluation go through the same `generate`, so a grid at step N is what `t2f generate
@@ -21,17 +22,28 @@ fp16 layers run in fp16 (as in training); on CPU everything runs in fp32.
 import hashlib
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from t2f.checkpointing import WEIGHTS, resolve_checkpoint
+from t2f.tokens import UNK
 
 EMA_WEIGHTS = "ema.safetensors"  # written by the trainer beside WEIGHTS when it keeps an EMA
 
 
 class PipelineError(RuntimeError):
     """A checkpoint or one of the models it names could not be loaded; the message says which."""
+
+
+class Reading(NamedTuple):
+    """What the recaptioner reads from one image: the caption, its words, and for each word the
+    attention over the image's feature grid, a (len(words), L) tensor whose rows sum to 1."""
+
+    text: str
+    words: list[str]
+    attention: torch.Tensor
 
 
 def sample_seed(*parts) -> int:
@@ -76,12 +88,15 @@ class Pipeline:
     # -- latents and images
 
     @torch.no_grad()
-    def latents(self, s: torch.Tensor, seeds: list[int], truncation_psi: float = 1.0) -> torch.Tensor:
-        """Text features (B, S) -> ws (B, num_ws, w_dim); row i's CA noise comes from seeds[i]."""
+    def latents(self, s: torch.Tensor, seeds: list[int], truncation_psi: float = 1.0, ca_noise: bool = True) -> torch.Tensor:
+        """Text features (B, S) -> ws (B, num_ws, w_dim); row i's CA noise comes from seeds[i].
+
+        Without `ca_noise` z is the CA mean μ(s): every sample of a caption is the same face.
+        """
         rows = []
         for row, seed in zip(s, seeds):  # one call per row: an image never depends on its batch
             gen = torch.Generator(self.device).manual_seed(int(seed))
-            ws, *_ = self.model.latents(row[None], truncation_psi=truncation_psi, generator=gen)
+            ws, *_ = self.model.latents(row[None], deterministic=not ca_noise, truncation_psi=truncation_psi, generator=gen)
             rows.append(ws)  # (1, num_ws, w_dim)
         return torch.cat(rows)  # (B, num_ws, w_dim)
 
@@ -92,7 +107,7 @@ class Pipeline:
         return torch.cat(chunks).float().clamp(-1, 1)  # (B, 3, H, W)
 
     def generate(self, captions: list[str], n: int = 1, seed: int = 0, truncation_psi: float = 1.0,
-                 batch_size: int = 16) -> torch.Tensor:
+                 batch_size: int = 16, ca_noise: bool = True) -> torch.Tensor:
         """(len(captions) * n, 3, H, W) in [-1, 1], caption-major: n samples of caption 0 first."""
         if isinstance(captions, str):
             raise TypeError("generate() takes a list of captions, not one string")
@@ -100,7 +115,7 @@ class Pipeline:
             raise ValueError(f"need at least one caption and n >= 1 (got {len(captions)} captions, n={n})")
         s = self.encode(captions).repeat_interleave(n, dim=0)  # (C*n, S)
         seeds = [sample_seed(seed, j, k) for j in range(len(captions)) for k in range(n)]
-        return self.synthesize(self.latents(s, seeds, truncation_psi), batch_size)
+        return self.synthesize(self.latents(s, seeds, truncation_psi, ca_noise), batch_size)
 
     # -- reading back
 
@@ -110,6 +125,15 @@ class Pipeline:
         max_len = max_len or self.cfg.data.max_caption_tokens
         ids = self.model.recaptioner.greedy(images.to(self.device).float(), max_len=max_len)
         return [self.vocab.decode(row) for row in ids]
+
+    @torch.no_grad()
+    def read_back_with_attention(self, images: torch.Tensor, max_len: int | None = None) -> list[Reading]:
+        """`read_back`, with the words one by one and where the recaptioner looked for each."""
+        max_len = max_len or self.cfg.data.max_caption_tokens
+        ids, alphas = self.model.recaptioner.greedy(images.to(self.device).float(), max_len=max_len, return_attention=True)
+        unknown = self.vocab.itos[UNK]
+        return [Reading(self.vocab.decode(row), [self.vocab.itos[i] if 0 <= i < len(self.vocab) else unknown for i in row],
+                        alpha) for row, alpha in zip(ids, alphas)]
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -38,6 +38,8 @@ LAYERS = {
     "inference.py": "inference", "checkpointing.py": "inference",
     "train.py": "train/eval", "monitor.py": "train/eval",
     "cli.py": "cli", "bench.py": "cli", "shards_cli.py": "cli", "generate.py": "cli",
+    "attention.py": "base",  # the show-attend-tell figure (images and numbers only, like visual.py)
+    "serve.py": "cli", "serve_page.py": "cli", "serving.py": "cli",  # `t2f serve`: CLI, Gradio page, one request
 }
 
 

@@ -136,29 +136,39 @@ class Recaptioner(nn.Module):
     # -- decoding (no dropout, no gradients)
 
     @torch.no_grad()
-    def greedy(self, images: torch.Tensor, max_len: int = 50) -> list[list[int]]:
-        """Most likely word at each step; ids without <bos>, cut before <eos>, at most max_len steps."""
+    def greedy(self, images: torch.Tensor, max_len: int = 50, return_attention: bool = False):
+        """Most likely word at each step; ids without <bos>, cut before <eos>, at most max_len steps.
+
+        With `return_attention`, (ids, alphas): alphas[i] is a (len(ids[i]), L) float tensor on the
+        CPU, row k the attention β_k the decoder paid to the L image positions when it chose word k.
+        """
         with _eval_mode(self):
-            return self.greedy_from_features(self.encode_images(images), max_len)
+            return self.greedy_from_features(self.encode_images(images), max_len, return_attention)
 
     @torch.no_grad()
-    def greedy_from_features(self, feats: torch.Tensor, max_len: int = 50) -> list[list[int]]:
+    def greedy_from_features(self, feats: torch.Tensor, max_len: int = 50, return_attention: bool = False):
         with _eval_mode(self):
             batch = feats.shape[0]
             feats_proj = self.attention.from_features(feats)  # (B, L, A)
             h, c = self._initial_state(feats)
             prev = torch.full((batch,), BOS, dtype=torch.long, device=feats.device)  # (B,)
             done = torch.zeros(batch, dtype=torch.bool, device=feats.device)  # (B,)
-            steps = []
+            steps, alphas = [], []
             for _ in range(max_len):
-                logits, _, h, c = self._step(feats, feats_proj, self.embed(prev), h, c)
+                logits, alpha, h, c = self._step(feats, feats_proj, self.embed(prev), h, c)
                 prev = logits.argmax(dim=1)  # (B,)
                 steps.append(prev.masked_fill(done, EOS))
+                if return_attention:
+                    alphas.append(alpha.float().cpu())  # (B, L)
                 done |= prev == EOS
                 if bool(done.all()):
                     break
-            ids = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(batch)]
-            return [_cut_at_eos(row) for row in ids]
+            rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(batch)]
+            ids = [_cut_at_eos(row) for row in rows]
+            if not return_attention:
+                return ids
+            stacked = torch.stack(alphas, dim=1) if alphas else feats.new_zeros(batch, 0, feats.shape[1]).cpu()  # (B, K, L)
+            return ids, [stacked[i, : len(row)] for i, row in enumerate(ids)]
 
     @torch.no_grad()
     def beam_search(self, images: torch.Tensor, beam: int = 3, max_len: int = 50) -> list[list[int]]:
