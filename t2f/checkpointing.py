@@ -11,6 +11,10 @@ Layout of a run directory:
         config.yaml, vocab.json          everything `t2f generate` / `t2f eval` need besides the
         state.json                       frozen models named in the config; step, epoch, ...
 
+Only what trains is saved: the frozen generator, text encoder and the recaptioner's pretrained CNN
+(ResNet-101, 170 MB) are rebuilt from the files the config names, so no file here holds them
+(t2f/models/image_encoders.py keeps a frozen CNN outside the module tree that Accelerate saves).
+
 A checkpoint is written to `step-XXXXXXXX.tmp` by every rank, fsynced, made group-readable and
 renamed by the main process once all ranks are done; then `latest` is replaced atomically (and
 fsynced): killing the run at any moment leaves the previous checkpoint complete and `latest`

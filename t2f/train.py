@@ -304,7 +304,7 @@ def train(cfg, args, accelerator, run_dir, parts, stop) -> int:
         monitor.step(step)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             elapsed, tic = time.perf_counter() - tic, time.perf_counter()
-            scalars = {"loss": loss, **logs, "lr": learning_rate(cfg, step - 1), "grad_norm": grad_norm,
+            scalars = {"loss": loss.detach(), **logs, "lr": learning_rate(cfg, step - 1), "grad_norm": grad_norm,
                        "samples_per_s": seen / elapsed, "epoch": epoch}
             faults = accounting.totals()  # each rank counts its own shards: log the sum
             scalars.update(zip(faults, accelerator.reduce(torch.tensor(list(faults.values()), device=device), "sum")))

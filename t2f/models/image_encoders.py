@@ -7,13 +7,18 @@
   here), cut before its pooling and classifier (D = 2048). Frozen (optionally its top block
   trains); its batch-norm statistics always stay frozen, because the small batches of this
   method would make batch statistics noisy. `encoder_weights=random` builds the same shapes with
-  random weights and needs no file: for benchmarks and smoke runs, never for a real run.
+  random weights (always the same ones: seeded) and needs no file: for benchmarks and smoke
+  runs, never for a real run.
 - `small`: a few randomly initialised convolutions with batch norm; it always trains (tests, and
   a recaptioner without any pretrained encoder).
 - `frozen_cnn`: any plain stack of conv -> batch norm -> ReLU blocks pretrained elsewhere, loaded
   from a .safetensors file and the description beside it (`<file>.json`, key "frozen_cnn",
   written by `frozen_cnn_spec`), frozen with its batch-norm statistics. The toy world ships one
   (t2f/toy/assets/backbone): its stand-in for the ImageNet CNN.
+
+Frozen weights are reloaded from their source, never saved: the pretrained encoders hold their
+`body` outside the module tree (`PretrainedBody`), so state dicts, checkpoints, DDP and DeepSpeed
+never see the ~170 MB of a frozen ResNet-101. Only blocks that train are registered.
 """
 
 import json
@@ -28,9 +33,57 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision's file names for ResNet-101 IMAGENET1K_V1 and IMAGENET1K_V2, as they land in the hub cache
 RESNET101_FILES = ("resnet101-63fe2227.pth", "resnet101-cd907fc2.pth")
 RESNET_FEATURE_DIM = 2048
+RESNET_TOP_BLOCK = 7  # index of layer4 in the ResNet body: what recaptioner.finetune_encoder trains
 RANDOM_WEIGHTS = "random"  # recaptioner.encoder_weights value: real shapes, random init, no file
 FROZEN_CNN_KEY = "frozen_cnn"  # the key of the description in the .json beside a frozen CNN's weights
 ENCODERS = ("resnet101", "small", "frozen_cnn")
+
+
+# ---------------------------------------------------------------------------- frozen outside the module tree
+
+
+class PretrainedBody(nn.Module):
+    """Base of the pretrained encoders: their `body` (an nn.Sequential) is held as a plain attribute.
+
+    Like TextToFace's frozen synthesis: DDP, DeepSpeed, `accelerator.save_state` and
+    `state_dict()` never see it, so no checkpoint carries frozen weights; `_apply` passes
+    .to() / .half() on to it, and `train()` keeps it in eval mode (frozen batch-norm statistics).
+    Blocks that train are registered as `trainable.<index in body>` and are saved like any layer.
+    """
+
+    def hold(self, body: nn.Sequential, trainable=()) -> None:
+        self._body = [body.requires_grad_(False).eval()]
+        self.trainable = nn.ModuleDict({str(i): body[i].requires_grad_(True) for i in trainable})
+
+    @property
+    def body(self) -> nn.Sequential:
+        return self._body[0]
+
+    def _frozen_blocks(self):
+        return [block for i, block in enumerate(self.body) if str(i) not in self.trainable]
+
+    def _apply(self, fn, recurse=True):
+        for block in self._frozen_blocks():  # trainable blocks are reached as submodules
+            block._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.body.eval()  # batch norm keeps its pretraining statistics, also in blocks that train
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the body moved out of the tree carry `body.<i>.*`: the frozen
+        # blocks are dropped (they are reloaded from their source), a trainable block is renamed.
+        for key in [k for k in state_dict if k.startswith(prefix + "body.")]:
+            index, _, rest = key[len(prefix + "body."):].partition(".")
+            value = state_dict.pop(key)
+            if index in self.trainable:
+                state_dict[f"{prefix}trainable.{index}.{rest}"] = value
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.body(x))  # (B, D, grid, grid)
 
 
 # ---------------------------------------------------------------------------- ResNet-101
@@ -63,40 +116,37 @@ def load_resnet101_state(encoder_weights: str = "") -> dict:
     )
 
 
-class ResNetEncoder(nn.Module):
+class ResNetEncoder(PretrainedBody):
     """ResNet-101 without its pooling and classifier, pooled to a grid×grid feature map."""
 
     input_mean, input_std = IMAGENET_MEAN, IMAGENET_STD
 
     def __init__(self, grid: int, encoder_weights: str = "", finetune: bool = False):
         super().__init__()
-        import torchvision
-
-        net = torchvision.models.resnet101(weights=None)
-        if encoder_weights != RANDOM_WEIGHTS:
-            state = load_resnet101_state(encoder_weights)
-            try:
-                net.load_state_dict(state)
-            except RuntimeError as err:
-                where = resnet101_weight_candidates(encoder_weights)
-                raise ValueError(f"weights in {where} are not a torchvision ResNet-101 state_dict: {err}") from err
-        self.body = nn.Sequential(*list(net.children())[:-2])
+        net = _resnet101(encoder_weights)
+        self.hold(nn.Sequential(*list(net.children())[:-2]), trainable=[RESNET_TOP_BLOCK] if finetune else [])
         self.pool = nn.AdaptiveAvgPool2d(grid)
         self.out_dim = RESNET_FEATURE_DIM
         self.finetune = finetune
-        self.body.requires_grad_(False)
-        if finetune:
-            self.body[-1].requires_grad_(True)  # layer4, the top block
         self.train(False)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        # batch norm keeps ImageNet's statistics even when the top block's weights train
-        self.body.eval()
-        return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.body(x))  # (B, 2048, grid, grid)
+def _resnet101(encoder_weights: str) -> nn.Module:
+    import torchvision
+
+    if encoder_weights == RANDOM_WEIGHTS:
+        # Seeded: the weights are never saved, so a resumed run and `t2f generate` must rebuild the same ones.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return torchvision.models.resnet101(weights=None)
+    net = torchvision.models.resnet101(weights=None)
+    state = load_resnet101_state(encoder_weights)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        where = resnet101_weight_candidates(encoder_weights)
+        raise ValueError(f"weights in {where} are not a torchvision ResNet-101 state_dict: {err}") from err
+    return net
 
 
 # ---------------------------------------------------------------------------- small, trained
@@ -164,7 +214,7 @@ def read_frozen_cnn(weights: str) -> tuple[dict, dict]:
     return spec, state
 
 
-class FrozenCNN(nn.Module):
+class FrozenCNN(PretrainedBody):
     """A pretrained conv -> batch norm -> ReLU stack (see `frozen_cnn_spec`), frozen with its
     batch-norm statistics as the ResNet is, pooled to a grid×grid feature map."""
 
@@ -174,25 +224,17 @@ class FrozenCNN(nn.Module):
         # The whole network is built in the file's order, heads included: the heads check the file
         # and keep the random stream of whatever is initialised after the encoder as it was when the
         # toy world built its whole classifier here (same decoder init, same demo numbers).
-        self.body = _conv_stack(spec, state, weights)
-        whole = nn.ModuleDict({spec["prefix"].rstrip("."): self.body, **_linear_heads(spec, state, weights)})
+        body = _conv_stack(spec, state, weights)
+        whole = nn.ModuleDict({spec["prefix"].rstrip("."): body, **_linear_heads(spec, state, weights)})
         try:
             whole.load_state_dict(state)
         except RuntimeError as err:
             raise ValueError(f"{weights}: the weights do not match their {FROZEN_CNN_KEY!r} description: {err}") from None
-        self.body.requires_grad_(False)
-        self.out_dim = self.body[-3].out_channels
+        self.hold(body)
+        self.out_dim = body[-3].out_channels
         self.pool = nn.AdaptiveAvgPool2d(grid)
         self.input_mean, self.input_std = tuple(spec["input_mean"]), tuple(spec["input_std"])
         self.train(False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.body.eval()  # frozen statistics, as the ResNet's
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.body(x))  # (B, C, grid, grid)
 
 
 def _conv_stack(spec: dict, state: dict, weights: str) -> nn.Sequential:

@@ -2,7 +2,8 @@
 
 One `nn.Module` so that DDP wraps it once and DeepSpeed builds one engine. The frozen synthesis
 network is held as a reference set once (`use_synthesis`), never as a submodule: it is never
-prepared, never saved with the trainable weights and never receives gradients.
+prepared, never saved with the trainable weights and never receives gradients. The recaptioner's
+frozen image encoder is held the same way, inside the encoder (t2f/models/image_encoders.py).
 
 `forward` is the network of one training step, with no loss in it (the losses live in
 t2f/trainer/loss.py):
@@ -65,7 +66,7 @@ class TextToFace(nn.Module):
         Its batch-norm layers read with the running statistics of real images (eval mode), as at
         test time: generated batches neither update those statistics nor get normalised by their own.
         """
-        frozen = {name: p.detach() for name, p in self.recaptioner.named_parameters()}
+        frozen = _detached_for_autocast(self.recaptioner, images.device.type)
         with _batch_norm_in_eval_mode(self.recaptioner):
             return functional_call(self.recaptioner, frozen, (images, tokens))
 
@@ -98,6 +99,22 @@ class TextToFace(nn.Module):
         with torch.no_grad():
             w_ref = self._reference_mapping[0](z, None)
         return (self.mapping(z, None) - w_ref).square().mean()
+
+
+def _detached_for_autocast(module: nn.Module, device_type: str) -> dict:
+    """`module`'s parameters, detached; under autocast those of its Linear and LSTMCell layers already
+    in autocast's dtype (the values autocast gives them).
+
+    Autocast caches its casts only for leaves that require grad: a detached weight is cast again at
+    every call, at each of the decoder's ~50 steps, and every copy is kept for the backward pass
+    (2.2 GiB at the paper's vocabulary of 30 000 words, whatever the batch size). Cast once here,
+    autocast finds them in its dtype and leaves them alone.
+    """
+    enabled = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if enabled else None
+    cast = {f"{prefix}.{name}" if prefix else name for prefix, layer in module.named_modules()
+            if enabled and isinstance(layer, (nn.Linear, nn.LSTMCell)) for name, _ in layer.named_parameters(recurse=False)}
+    return {name: p.detach().to(dtype) if name in cast else p.detach() for name, p in module.named_parameters()}
 
 
 @contextlib.contextmanager
