@@ -16,7 +16,7 @@ COMMANDS = {
     "serve": ("t2f.serve", "a web page (Gradio) to try a checkpoint: faces, read-back, the recaptioner's attention"),
     "eval": ("t2f.eval.evaluate", "FID, KID (clean-fid), LPIPS, CLIP score and R-precision of a checkpoint on a test split"),
     "toy": ("t2f.toy.cli", "the toy world: render faces, build its shards, refit its generator or attribute classifier"),
-    "standins": ("t2f.standins", "random-weight stand-ins of CLIP, StyleGAN2 FFHQ-1024, ResNet-101 and both CelebA sets, real formats"),
+    "standins": ("t2f.standins", "random-weight stand-ins of CLIP, StyleGAN2 FFHQ-1024, ResNet-101, CelebA sets: real formats"),
 }
 
 

@@ -12,3 +12,14 @@ def slurm_cluster(tmp_path_factory):
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
     yield cluster
     cluster.stop()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The `scale` tier (full-size paper presets, minutes per test) runs only when a -m expression
+    names it (`./launch test -m scale`); any other selection, `-m "not slurm"` included, leaves it out."""
+    if "scale" in (config.option.markexpr or ""):
+        return
+    scale = [item for item in items if item.get_closest_marker("scale")]
+    if scale:
+        config.hook.pytest_deselected(items=scale)
+        items[:] = [item for item in items if not item.get_closest_marker("scale")]

@@ -38,6 +38,7 @@ LAYERS = {
     "inference.py": "inference", "checkpointing.py": "inference",
     "train.py": "train/eval", "monitor.py": "train/eval",
     "cli.py": "cli", "bench.py": "cli", "shards_cli.py": "cli", "generate.py": "cli",
+    "standins": "cli", "gpu_check.py": "cli",  # full-size stand-in weights and data; `./launch gpu-check`
     "attention.py": "base",  # the show-attend-tell figure (images and numbers only, like visual.py)
     "serve.py": "cli", "serve_page.py": "cli", "serving.py": "cli",  # `t2f serve`: CLI, Gradio page, one request
 }

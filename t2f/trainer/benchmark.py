@@ -9,6 +9,7 @@ weights or data are needed:
 
     t2f bench train --config mmcelebahq                       # 1024² generator
     t2f bench train --config mmcelebahq generator.resolution=256
+    t2f bench train --config mmcelebahq --memory              # GPU memory at batch 12, computed on the CPU
 """
 
 import argparse
@@ -29,6 +30,9 @@ def _parser():
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="without a GPU, time only the fp32 reference mode on the CPU "
                              "(checks the code path; not a benchmark)")
+    parser.add_argument("--memory", action="store_true",
+                        help="compute the GPU memory the step needs at --batch-size, on the CPU (t2f/trainer/memory.py)")
+    parser.add_argument("--vocab-size", type=int, default=30000, help="recaptioner vocabulary (METHOD.md: S = 30 000)")
     parser.add_argument("overrides", nargs="*")
     return parser
 
@@ -96,6 +100,8 @@ def build_model(cfg, text_dim, generator, vocab_size):
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.memory:
+        return memory_report(args)
     gpu = torch.cuda.is_available()
     if not gpu and not args.cpu_smoke:
         print("t2f bench train: no CUDA GPU is present; this benchmark measures GPU training throughput. Nothing to do.")
@@ -103,15 +109,36 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, list(args.overrides) + ["generator.checkpoint="])
     batch_size = args.batch_size or cfg.data.batch_size
     device = torch.device("cuda" if gpu else "cpu")
-    batch = synthetic_batch(cfg, batch_size, vocab_size=5000, text_dim=512, device=device)
+    batch = synthetic_batch(cfg, batch_size, vocab_size=args.vocab_size, text_dim=512, device=device)
     rows = [("fp16 + fused (Triton)", *time_mode(cfg, "triton", True, batch, args.steps, device))] if gpu else []
     rows.append(("fp32 + reference", *time_mode(cfg, "ref", False, batch, args.steps, device)))
     where = torch.cuda.get_device_name() if gpu else "CPU (smoke check, not a benchmark)"
     print(f"config {args.config} | generator {cfg.generator.resolution}² | batch {batch_size} | {where} "
           f"| torch {torch.__version__}")
-    print(f"{'generator mode':<24}{'samples/s':>12}{'peak GiB':>10}")
-    for name, rate, peak in rows:
-        print(f"{name:<24}{rate:>12.2f}{peak:>10.2f}")
-    if len(rows) == 2:
-        print(f"speed-up fp16+fused / fp32+ref: {rows[0][1] / rows[1][1]:.2f}x; memory ratio {rows[0][2] / rows[1][2]:.2f}")
+    print(format_rows(rows))
     return 0
+
+
+def memory_report(args) -> int:
+    """`--memory`: the estimate of t2f/trainer/memory.py for the config at --batch-size (its batch by default)."""
+    from t2f.models.generator import generator_from_config
+    from t2f.trainer import memory
+
+    cfg = load_config(args.config, list(args.overrides) + ["generator.checkpoint="])
+    generator = generator_from_config(cfg.generator).requires_grad_(False).eval()
+    model = build_model(cfg, 512, generator, args.vocab_size)
+    target = args.batch_size or cfg.data.batch_size
+    print(f"config {args.config} | generator {cfg.generator.resolution}² | recaptioner {cfg.recaptioner.encoder} at "
+          f"{cfg.recaptioner.input_size}² | vocabulary {args.vocab_size} | computed on the CPU | torch {torch.__version__}\n")
+    memory.report(cfg, model, generator, target, vocab_size=args.vocab_size)
+    return 0
+
+
+def format_rows(rows) -> str:
+    """The table `main` prints (`./launch gpu-check` reads it): one line per (mode, samples/s, peak GiB)."""
+    lines = [f"{'generator mode':<24}{'samples/s':>12}{'peak GiB':>10}"]
+    lines += [f"{name:<24}{rate:>12.2f}{peak:>10.2f}" for name, rate, peak in rows]
+    if len(rows) == 2:
+        lines.append(f"speed-up fp16+fused / fp32+ref: {rows[0][1] / rows[1][1]:.2f}x; "
+                     f"memory ratio {rows[0][2] / rows[1][2]:.2f}")
+    return "\n".join(lines)
