@@ -181,33 +181,11 @@ def test_payload_in_a_weights_file_is_refused_in_one_line_without_unsafe_advice(
 
 
 def to_rosinality(G):
-    """Our weights under rosinality stylegan2-pytorch's g_ema names and shapes (written independently)."""
-    sd, out = G.state_dict(), {}
-    for i in range(G.mapping.num_layers):
-        out[f"style.{i + 1}.weight"], out[f"style.{i + 1}.bias"] = sd[f"mapping.fc{i}.weight"], sd[f"mapping.fc{i}.bias"]
-    out["input.input"] = sd["synthesis.b4.const"][None]
-    blur = torch.tensor([1.0, 3, 3, 1]).outer(torch.tensor([1.0, 3, 3, 1])) / 64 * 4
-    resolutions = G.synthesis.block_resolutions
-    layers = [("conv1", "b4.conv1")] + [(f"convs.{j}", f"b{r}.conv{j % 2}") for j, r in
-                                        enumerate(r for r in resolutions[1:] for _ in range(2))]
-    for idx, (src, dst) in enumerate(layers):
-        out[f"{src}.conv.weight"] = sd[f"synthesis.{dst}.weight"][None]
-        out[f"{src}.conv.modulation.weight"] = sd[f"synthesis.{dst}.affine.weight"]
-        out[f"{src}.conv.modulation.bias"] = sd[f"synthesis.{dst}.affine.bias"]
-        out[f"{src}.noise.weight"] = sd[f"synthesis.{dst}.noise_strength"].reshape(1)
-        out[f"{src}.activate.bias"] = sd[f"synthesis.{dst}.bias"]
-        out[f"noises.noise_{idx}"] = sd[f"synthesis.{dst}.noise_const"][None, None]
-        if dst.endswith("conv0"):
-            out[f"{src}.conv.blur.kernel"] = blur
-    for i, res in enumerate(resolutions):
-        src = "to_rgb1" if res == 4 else f"to_rgbs.{i - 1}"
-        out[f"{src}.conv.weight"] = sd[f"synthesis.b{res}.torgb.weight"][None]
-        out[f"{src}.conv.modulation.weight"] = sd[f"synthesis.b{res}.torgb.affine.weight"]
-        out[f"{src}.conv.modulation.bias"] = sd[f"synthesis.b{res}.torgb.affine.bias"]
-        out[f"{src}.bias"] = sd[f"synthesis.b{res}.torgb.bias"].reshape(1, -1, 1, 1)
-        if res > 4:
-            out[f"{src}.upsample.kernel"] = blur
-    return out
+    """Our weights under rosinality stylegan2-pytorch's g_ema names and shapes, mapped independently
+    of the loader (t2f/models/weights.py) by the stand-in writer."""
+    from t2f.standins.stylegan import rosinality_generator
+
+    return rosinality_generator(G)
 
 
 @pytest.mark.parametrize("zipfile", [True, False])
