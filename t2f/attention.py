@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from t2f.visual import _font, _line_height, _wrap, to_uint8
+from t2f.visual import caption_font, line_height, to_uint8, wrap_text
 
 PANEL = 128  # pixels per panel side: toy faces are 64 px, so they are shown enlarged
 PER_ROW = 6
@@ -59,29 +59,29 @@ def attention_figure(image, words: list[str], attention, panel: int = PANEL, per
     panels = attention_panels(image, attention, panel)
     if len(panels) - 1 != len(words):
         raise ValueError(f"got {len(words)} words for {len(panels) - 1} attention maps (need one map per word)")
-    font = _font(max(12, panel // 9))
-    label_height = _line_height(font) + GAP
-    title_lines = _wrap(title, font, per_row * (panel + GAP), 2) if title else []
-    top = len(title_lines) * _line_height(font) + (GAP if title_lines else 0)
+    font = caption_font(max(12, panel // 9))
+    label_height = line_height(font) + GAP
+    title_lines = wrap_text(title, font, per_row * (panel + GAP), 2) if title else []
+    top = len(title_lines) * line_height(font) + (GAP if title_lines else 0)
     columns, rows = min(per_row, len(panels)), math.ceil(len(panels) / per_row)
     size = (columns * panel + (columns + 1) * GAP, top + rows * (panel + label_height) + GAP)
     figure = Image.new("RGB", size, _BACKGROUND)
     draw = ImageDraw.Draw(figure)
     for j, line in enumerate(title_lines):
-        draw.text((GAP, GAP + j * _line_height(font)), line, fill=_TEXT, font=font)
+        draw.text((GAP, GAP + j * line_height(font)), line, fill=_TEXT, font=font)
     for index, (pixels, label) in enumerate(zip(panels, [FACE_LABEL, *words])):
         x, y = panel_origin(index, panel, per_row, top)
         figure.paste(Image.fromarray(pixels), (x, y))
-        text = _wrap(label, font, panel, 1)[0]  # a word wider than its panel is cut with "…"
+        text = wrap_text(label, font, panel, 1)[0]  # a word wider than its panel is cut with "…"
         draw.text((x + (panel - font.getlength(text)) / 2, y + panel + GAP // 2), text, fill=_TEXT, font=font)
     return figure
 
 
 def panel_origin(index: int, panel: int = PANEL, per_row: int = PER_ROW, top: int = 0) -> tuple[int, int]:
     """Top-left pixel of panel `index` (0 = the face) in a figure whose panels start at `top`."""
-    font = _font(max(12, panel // 9))
+    font = caption_font(max(12, panel // 9))
     row, column = divmod(index, per_row)
-    return GAP + column * (panel + GAP), top + GAP + row * (panel + _line_height(font) + GAP)
+    return GAP + column * (panel + GAP), top + GAP + row * (panel + line_height(font) + GAP)
 
 
 def _face(image) -> Image.Image:

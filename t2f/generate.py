@@ -118,7 +118,7 @@ def _can_write_into(folder: Path) -> bool:
     return True
 
 
-def _device(choice: str) -> str:
+def resolve_device(choice: str) -> str:
     if choice == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but CUDA is not available here; use --device cpu")
     if choice == "auto":
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
             check_truncation(args.truncation)
         captions = read_captions(args)
         grid, folder = check_outputs(args)
-        pipeline = load_pipeline(args.ckpt, device=_device(args.device), overrides=args.set, use_ema=not args.no_ema)
+        pipeline = load_pipeline(args.ckpt, device=resolve_device(args.device), overrides=args.set, use_ema=not args.no_ema)
         psi = check_truncation(pipeline.cfg.generator.truncation_psi if args.truncation is None else args.truncation)
         shown = cut_to_window(pipeline, captions)
         images = pipeline.generate(captions, n=args.n, seed=args.seed, truncation_psi=psi,

@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from t2f.checkpointing import CheckpointNotFound
     from t2f.config import ConfigError
-    from t2f.generate import UsageError, _device
+    from t2f.generate import UsageError, resolve_device
     from t2f.inference import PipelineError, load_pipeline
     from t2f.models.text_encoder import TextEncoderError
     from t2f.models.weights import CheckpointError
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     try:
         ckpt = _checkpoint_arg(args.ckpt)
         _check_address(args)
-        device = _device(args.device)
+        device = resolve_device(args.device)
         pipeline = load_pipeline(ckpt, device=device, overrides=args.set, use_ema=not args.no_ema)
     except (UsageError, CheckpointNotFound, PipelineError, ConfigError, TextEncoderError, CheckpointError,
             FileNotFoundError) as err:

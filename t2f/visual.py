@@ -57,8 +57,8 @@ def caption_grid(images, captions: list[str], per_row: int, subcaptions: list[st
         raise ValueError(f"got {len(subcaptions)} subcaptions for {n} images (need one per image)")
 
     width = per_row * w
-    font = _font(max(10, min(32, h // 6)))
-    small = _font(max(8, min(24, h // 8)))
+    font = caption_font(max(10, min(32, h // 6)))
+    small = caption_font(max(8, min(24, h // 8)))
     blocks = []
     for r in range(rows):
         cells = pixels[r * per_row:(r + 1) * per_row]
@@ -84,23 +84,23 @@ def _row_captions(captions, n: int, rows: int, per_row: int) -> list[str]:
 def _row_block(cells: np.ndarray, width: int, caption: str, subs, font, small) -> Image.Image:
     """One row: the images, their subcaptions, then the row caption, on a white strip."""
     h, w = cells.shape[1:3]
-    sub_lines = [_wrap(s, small, w - 2 * _PAD, _SUB_LINES) for s in subs] if subs is not None else []
-    sub_height = max((len(lines) for lines in sub_lines), default=0) * _line_height(small)
+    sub_lines = [wrap_text(s, small, w - 2 * _PAD, _SUB_LINES) for s in subs] if subs is not None else []
+    sub_height = max((len(lines) for lines in sub_lines), default=0) * line_height(small)
     # Never taller than the images above it: a runaway caption must not make a runaway grid.
-    cap_lines = _wrap(caption, font, width - 2 * _PAD, max(2, h // _line_height(font)))
-    cap_height = len(cap_lines) * _line_height(font)
+    cap_lines = wrap_text(caption, font, width - 2 * _PAD, max(2, h // line_height(font)))
+    cap_height = len(cap_lines) * line_height(font)
     block = Image.new("RGB", (width, h + sub_height + cap_height + 2 * _PAD), _BACKGROUND)
     draw = ImageDraw.Draw(block)
     for i, cell in enumerate(cells):
         block.paste(Image.fromarray(cell), (i * w, 0))
         for j, line in enumerate(sub_lines[i] if sub_lines else []):
-            draw.text((i * w + _PAD, h + _PAD // 2 + j * _line_height(small)), line, fill=_SUBCAPTION_COLOUR, font=small)
+            draw.text((i * w + _PAD, h + _PAD // 2 + j * line_height(small)), line, fill=_SUBCAPTION_COLOUR, font=small)
     for j, line in enumerate(cap_lines):
-        draw.text((_PAD, h + sub_height + _PAD + j * _line_height(font)), line, fill=_CAPTION_COLOUR, font=font)
+        draw.text((_PAD, h + sub_height + _PAD + j * line_height(font)), line, fill=_CAPTION_COLOUR, font=font)
     return block
 
 
-def _wrap(text: str, font, max_width: int, max_lines: int) -> list[str]:
+def wrap_text(text: str, font, max_width: int, max_lines: int) -> list[str]:
     """Greedy word wrap by rendered width into at most `max_lines` lines, the last ending in "…"
     when text is left over. A word wider than a line (or a run of CJK, which has no spaces) is
     cut by characters."""
@@ -144,13 +144,13 @@ def _ellipsise(lines: list[str], font, max_width: int) -> list[str]:
     return lines[:-1] + [(last.rstrip() + " " + _ELLIPSIS).lstrip()]
 
 
-def _line_height(font) -> int:
+def line_height(font) -> int:
     ascent, descent = font.getmetrics()  # the font's own extent, so CJK and accents fit too
     return int(ascent + descent) + 2
 
 
 @functools.lru_cache(maxsize=8)
-def _font(size: int):
+def caption_font(size: int):
     """Noto Sans CJK at `size` px from its pip package; Pillow's own font if that is missing."""
     try:
         import noto_cjk_sans_otc
