@@ -12,13 +12,12 @@ running the same command again (it rewrites only the manifest).
 
 import numpy as np
 
-from t2f.toy.attributes import ATTRIBUTES, params_from_latent
+from t2f.toy.attributes import ATTRIBUTES, Z_DIM, params_from_latent
 from t2f.toy.captions import captions_for
 from t2f.toy.render import render
 
 TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 METRICS_PLUGIN = "t2f.toy.metrics"  # the module that registers the toy metrics (not imported here: it loads eval)
-Z_DIM = 32  # the toy generator's z_dim (t2f/toy/pretrain.py); params_from_latent reads the first 25
 
 
 def toy_samples(count: int, split: str, seed: int, start: int = 0):
