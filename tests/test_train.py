@@ -3,6 +3,7 @@ stay frozen, the recaptioner learns only from real pairs, a preempted or crashed
 to exactly the weights of an uninterrupted one, and the run is readable without W&B."""
 
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -66,6 +67,26 @@ def test_loss_decreases_on_a_fixed_batch_and_the_generator_stays_frozen(tiny, tm
     assert losses[-1] < 0.7 * losses[0] and all(torch.isfinite(torch.tensor(losses))), losses
     for key, value in generator.state_dict().items():
         assert torch.equal(value, frozen_before[key]), f"frozen generator changed: {key}"
+
+
+def test_without_text_reconstruction_no_face_is_generated_and_the_rest_is_unchanged(tiny, tmp_path):
+    """The λ2 = 0 ablation learns nothing from the generated face: the step skips the synthesis and its
+    reading (the costly part of a step) and its loss is the full step's without the TRL term."""
+    cfg, s, batch, generator, model = _parts(tmp_path, tiny("run", 4))
+    calls = []
+    generator.synthesis.register_forward_hook(lambda *_: calls.append(1))
+    torch.manual_seed(0)  # the same CA noise for both losses
+    full, full_logs = TrainingLoss(cfg.loss)(model, s, batch["tokens"], batch["image"])
+    assert calls == [1]
+    weight = cfg.loss.trl_weight
+    torch.manual_seed(0)
+    ablation, logs = TrainingLoss(dataclasses.replace(cfg.loss, trl_weight=0.0))(model, s, batch["tokens"], batch["image"])
+    assert calls == [1], "the ablation rendered a face it does not learn from"
+    assert "trl" not in logs and logs["kl"] == full_logs["kl"]
+    assert ablation.item() == pytest.approx((full - weight * full_logs["trl"]).item(), rel=1e-6)
+    ablation.backward()
+    assert all(p.grad is not None for p in model.mapping.parameters())  # in the graph (DDP), with zero gradient
+    assert all(p.grad.abs().max() == 0 for p in model.mapping.parameters())
 
 
 def _mapper_step(tmp_path, overrides):

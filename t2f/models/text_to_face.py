@@ -70,21 +70,27 @@ class TextToFace(nn.Module):
         with _batch_norm_in_eval_mode(self.recaptioner):
             return functional_call(self.recaptioner, frozen, (images, tokens))
 
-    def forward(self, text_features, tokens, real_images, joint=True) -> dict:
+    def forward(self, text_features, tokens, real_images, joint=True, generate=True) -> dict:
         """One step's network outputs: the readings of the real and (joint) the generated face.
 
         Returns `real` = (logits (B, T-1, V), alphas (B, T-1, L)) and, when joint, `generated`
         (the same for the generated face), `mu`, `logvar` (B, Z) and `w_gap` (the w regulariser's
         squared distance, when a reference mapping is kept). During warm-up `idle` is a zero that
         keeps the text path in the graph, so DDP's reducer sees one parameter set every step.
+        `generate=False` (a run without text reconstruction, loss.trl_weight=0) skips the face and
+        its reading, which nothing would learn from: only the CA statistics are computed.
         """
         out = {"real": self.recaptioner(real_images, tokens)}
         if not joint:
             out["idle"] = sum(p.sum() for p in (*self.ca.parameters(), *self.mapping.parameters())) * 0.0
             return out
-        ws, z, out["mu"], out["logvar"] = self.latents(text_features)
-        images = self._synthesis[0](ws.to(torch.float32), noise_mode=self._noise_mode)  # (B, C, H, W)
-        out["generated"] = self.read_generated(images, tokens)
+        if not generate:
+            z, out["mu"], out["logvar"] = self.ca(text_features)
+            out["idle"] = sum(p.sum() for p in self.mapping.parameters()) * 0.0
+        else:
+            ws, z, out["mu"], out["logvar"] = self.latents(text_features)
+            images = self._synthesis[0](ws.to(torch.float32), noise_mode=self._noise_mode)  # (B, C, H, W)
+            out["generated"] = self.read_generated(images, tokens)
         if self._reference_mapping:
             out["w_gap"] = self.w_regulariser(z)
         return out

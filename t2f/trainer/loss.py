@@ -21,16 +21,20 @@ class TrainingLoss:
 
     def __call__(self, model, text_features, tokens, real_images, joint=True):
         """(total loss, {name: detached scalar}) of one step; `model` may be DDP/DeepSpeed-wrapped."""
-        out = model(text_features, tokens, real_images, joint=joint)
+        # Without text reconstruction (λ2 = 0, the ablation) the generated face teaches nothing: skip it.
+        out = model(text_features, tokens, real_images, joint=joint, generate=self.trl_weight > 0)
         targets = tokens[:, 1:]  # (B, T-1): the words each step must predict
         real, real_parts = self._reading_loss(out["real"], targets)
         logs = {"recaptioner": real.detach(), "recaptioner_ce": real_parts["ce"]}
         if not joint:
             return real + out["idle"], logs
-        trl, trl_parts = self._reading_loss(out["generated"], targets)
         kl = kl_divergence(out["mu"], out["logvar"])
-        total = real + self.kl_weight * kl + self.trl_weight * trl
-        logs.update(kl=kl.detach(), trl=trl.detach(), trl_ce=trl_parts["ce"], attention=trl_parts["attention"])
+        total = real + self.kl_weight * kl + out.get("idle", 0.0)
+        logs["kl"] = kl.detach()
+        if "generated" in out:
+            trl, trl_parts = self._reading_loss(out["generated"], targets)
+            total = total + self.trl_weight * trl
+            logs.update(trl=trl.detach(), trl_ce=trl_parts["ce"], attention=trl_parts["attention"])
         if self.w_reg_weight > 0:
             if "w_gap" not in out:
                 raise RuntimeError("loss.w_reg_weight > 0 needs TextToFace(keep_reference_mapping=True)")
