@@ -1,6 +1,8 @@
 """`t2f toy ...`: commands for the toy world.
 
     t2f toy render --out faces.png --seed 0      a grid of random faces, one caption each printed
+    t2f toy render --out compare.png --generator t2f/toy/assets/generator.safetensors
+                                                 each row of renders render(z) above G(z) of the same z
     t2f toy classifier --out t2f/toy/assets      retrain the attribute classifier (seeded), print accuracy
     t2f toy classifier --out t2f/toy/assets/backbone --seed 1   retrain the recaptioner's toy backbone
     t2f toy shards --out shards/toy              the toy dataset as WebDataset shards (real builder)
@@ -47,26 +49,52 @@ def _add_render(sub):
     p.add_argument("--rows", type=int, default=4)
     p.add_argument("--cols", type=int, default=8)
     p.add_argument("--zoom", type=int, default=2, help="pixel repeat for viewing (1 = native 64x64 faces)")
+    p.add_argument("--generator", default="", help="a toy generator .safetensors: under each row of renders "
+                   "render(z), a row of its faces G(z) for the same latents")
     p.set_defaults(run=_run_render)
+
+
+def _generated_rows(path: str, z, cols: int):
+    """G(z) of the toy generator at `path` as uint8 rows (rows * 64, cols * 64, 3), or exit 2 when unloadable."""
+    import numpy as np
+    import torch
+
+    from t2f.models.weights import load_generator
+
+    G = load_generator(path)
+    with torch.no_grad():
+        faces = G(torch.from_numpy(z).float(), noise_mode="const").clamp(-1, 1)  # (N, 3, 64, 64)
+    faces = ((faces + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # (N, 64, 64, 3)
+    rows = faces.reshape(-1, cols, *faces.shape[1:])  # (R, C, 64, 64, 3)
+    return [np.concatenate(list(row), axis=1) for row in rows]
 
 
 def _run_render(args) -> int:
     import numpy as np
     from PIL import Image
 
+    from t2f.toy.attributes import Z_DIM, params_from_latent
     from t2f.toy.captions import captions_for
-    from t2f.toy.render import SIZE, render, sample_face
+    from t2f.toy.render import SIZE, render
 
     if args.rows < 1 or args.cols < 1 or args.zoom < 1:
         print("t2f toy render: --rows, --cols and --zoom must be at least 1", file=sys.stderr)
         return 2
+    if args.generator and not Path(args.generator).is_file():
+        print(f"t2f toy render: --generator {args.generator}: no such file", file=sys.stderr)
+        return 2
     rng = np.random.default_rng(args.seed)
+    z = np.zeros((args.rows * args.cols, Z_DIM))
     grid = np.zeros((args.rows * SIZE, args.cols * SIZE, 3), dtype=np.uint8)
     for i in range(args.rows * args.cols):
-        attrs, nuisance = sample_face(rng)
+        z[i] = rng.standard_normal(Z_DIM)  # what sample_face draws
+        attrs, nuisance = params_from_latent(z[i])
         r, c = divmod(i, args.cols)
         grid[r * SIZE:(r + 1) * SIZE, c * SIZE:(c + 1) * SIZE] = render(attrs, nuisance)
         print(f"[{r},{c}] {captions_for(attrs, rng, n=1)[0]}")
+    if args.generator:  # interleave: render row, generated row, ...
+        rows = np.split(grid, args.rows)
+        grid = np.concatenate([part for pair in zip(rows, _generated_rows(args.generator, z, args.cols)) for part in pair])
     image = Image.fromarray(grid)
     if args.zoom > 1:
         image = image.resize((image.width * args.zoom, image.height * args.zoom), Image.NEAREST)
