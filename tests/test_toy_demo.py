@@ -47,18 +47,52 @@ def test_shipped_generator_draws_the_attributes_of_its_latent():
     assert l1 <= SHIPPED_L1, f"the shipped generator's faces are {l1:.3f} (mean L1) from the renders"
 
 
-def test_pretrain_command_writes_a_loadable_generator(tmp_path):
+def test_pretrain_command_writes_a_loadable_generator_and_records_its_feature_network(tmp_path):
+    import hashlib
+
     from t2f.toy.cli import main
 
-    assert main(["pretrain", "--out", str(tmp_path / "g"), "--steps", "2", "--batch-size", "4",
-                 "--classifier", str(BACKBONE)]) == 0
+    assert main(["pretrain", "--out", str(tmp_path / "g"), "--steps", "2", "--batch-size", "4"]) == 0
     G = load_generator(tmp_path / "g.safetensors")
     assert torch.isfinite(G(torch.randn(2, G.z_dim))).all()
     report = json.loads((tmp_path / "g.fit.json").read_text())
-    assert "classifier_agreement_with_renders" in report and f"--classifier {BACKBONE}" in report["command"]
+    assert report["feature_network"] == {"file": "t2f/toy/assets/backbone/classifier.safetensors",
+                                         "sha256": hashlib.sha256(BACKBONE.read_bytes()).hexdigest()}
+    assert {"l1", "judge_agreement", "backbone_agreement"} <= set(report["held_out"])
+    assert report["command"].startswith("t2f toy pretrain") and "--features" not in report["command"]
     with pytest.raises(FileNotFoundError, match="nowhere"):
         main(["pretrain", "--out", str(tmp_path / "h"), "--steps", "2", "--batch-size", "4",
-              "--classifier", str(tmp_path / "nowhere.safetensors")])
+              "--features", str(tmp_path / "nowhere.safetensors")])
+
+
+def test_pretrain_refuses_the_judge_under_any_name(tmp_path, capsys):
+    """The judge scores the demo, so the fit must never see it: a copy under another name is refused too."""
+    import shutil
+
+    from t2f.toy.cli import main
+
+    copy = tmp_path / "innocent" / "classifier.safetensors"
+    copy.parent.mkdir()
+    shutil.copy(pretrain.ASSETS / "classifier.safetensors", copy)
+    shutil.copy(pretrain.ASSETS / "classifier.json", copy.with_suffix(".json"))
+    assert main(["pretrain", "--out", str(tmp_path / "g"), "--steps", "2", "--features", str(copy)]) == 2
+    assert "is the demo's judge" in capsys.readouterr().err
+    assert not (tmp_path / "g.safetensors").exists()
+
+
+def test_diversity_reference_faces_have_the_captions_attributes_and_spread_like_the_world():
+    from t2f.toy.attributes import Z_DIM, attribute_vector, params_from_latent
+    from t2f.toy.diversity import latents_with_attributes, nuisance_spread
+
+    rng = np.random.default_rng(0)
+    wanted = attribute_vector(parse_caption("The man has gray hair and a beard, wears eyeglasses and is smiling."))
+    z = latents_with_attributes(rng, wanted, 64)
+    assert all(np.array_equal(attribute_vector(params_from_latent(row)[0]), wanted) for row in z)
+    # The nuisance is uniform on [0, 1] whatever the attributes: std 1/sqrt(12) = 0.289.
+    assert nuisance_spread(z) == pytest.approx(0.289, abs=0.03)
+    assert nuisance_spread(np.repeat(rng.standard_normal((1, Z_DIM)), 8, axis=0)) < 1e-6  # one face, 8 times (float32)
+    with pytest.raises(ValueError, match="exactly one of"):
+        latents_with_attributes(rng, np.ones(len(ATTRIBUTES), dtype=np.float32), 1)  # every hair colour at once
 
 
 @pytest.mark.slow
@@ -74,6 +108,10 @@ def test_shortened_demo_writes_every_file(tmp_path):
         assert metrics[key] is not None, key
     assert 0 <= metrics["attribute_accuracy"] <= 1 and set(metrics["per_attribute"]) == set(ATTRIBUTES)
     assert 0 <= metrics["latent_accuracy"] <= 1
+    assert 0 <= metrics["second_reader_accuracy"] <= 1 and set(metrics["second_reader_per_attribute"]) == set(ATTRIBUTES)
+    for measure in ("nuisance", "features"):
+        spread = metrics["sample_diversity"][measure]
+        assert spread["reference"] > 0 and spread["ratio"] == pytest.approx(spread["generated"] / spread["reference"], abs=1e-3)
     assert (out / "samples.png").stat().st_size > 0 and list((out / "wandb").glob("offline-run-*"))
     assert (out / "samples" / "step-00000006.png").is_file()
 

@@ -12,7 +12,8 @@ a face twice; half of each batch is blurred so it also judges the softer faces a
 shipped weights bit for bit (seeded) and reports per-attribute accuracy on held-out renders
 (classifier.json records both, and the training time).
 
-Two are shipped: the judge (t2f/toy/assets, seed 0), which scores the demo, and the backbone
+Three are shipped: the judge (t2f/toy/assets, seed 0), which scores the demo, the second reader
+(t2f/toy/assets/reader, `--seed 2`), which scores the same faces and is used by nothing else, and the backbone
 (t2f/toy/assets/backbone, `--seed 1`), whose convolutions are the recaptioner's frozen image
 encoder, the toy world's ImageNet CNN (recaptioner.encoder=frozen_cnn with encoder_weights
 pointing at its .safetensors; classifier.json describes the convolutions for
@@ -43,6 +44,8 @@ ASSETS = Path(__file__).parent / "assets"
 WEIGHTS_NAME, INFO_NAME = "classifier.safetensors", "classifier.json"
 # A second classifier (another seed): the recaptioner's pretrained encoder, never the judge.
 BACKBONE = ASSETS / "backbone" / WEIGHTS_NAME
+# A third (seed 2) that only evaluates: the second reader of the demo's faces (t2f/toy/metrics.py).
+READER = ASSETS / "reader" / WEIGHTS_NAME
 STRIDES = (2, 2, 2, 2, 1)  # 64 -> 32 -> 16 -> 8 -> 4 -> 4
 
 

@@ -66,13 +66,25 @@ def evaluate_run(run_dir: Path) -> dict:
     from t2f.eval.captions import real_image_bleu4
     from t2f.eval.evaluate import evaluate
     from t2f.inference import load_pipeline
+    from t2f.toy.diversity import CAPTIONS, sample_diversity
 
     print(f"[demo] 3/4 evaluation of {run_dir}", flush=True)
-    pipeline = load_pipeline(run_dir, overrides=["eval.metrics=attributes,toy_fid,diversity,bleu"])
+    pipeline = load_pipeline(run_dir, overrides=["eval.metrics=attributes,second_reader,toy_fid,diversity,bleu"])
     record = evaluate(pipeline, out_path=run_dir / "eval.json", skip_missing=True, progress=True)
     record["recaptioner_bleu4_real"] = real_image_bleu4(pipeline)["recaptioner_bleu4"]
     record["latent_accuracy"] = latent_accuracy(pipeline)
+    record["sample_diversity"] = sample_diversity(pipeline, held_out_captions(pipeline, CAPTIONS))
     return record
+
+
+def held_out_captions(pipeline, count: int) -> list:
+    """The first `count` captions of the evaluation split, in the loader's fixed order."""
+    from t2f.data.loader import make_eval_loader
+
+    cfg = pipeline.cfg
+    loader = make_eval_loader(cfg.data.shards, cfg.data.eval_split, batch_size=count,
+                              resolution=cfg.data.resolution, vocab=pipeline.vocab)
+    return list(next(iter(loader))["caption"])
 
 
 def latent_accuracy(pipeline) -> float:
@@ -110,15 +122,11 @@ def latent_agreement(z, captions):
 def sample_grid(run_dir: Path, pipeline=None) -> Path:
     import torch
 
-    from t2f.data.loader import make_eval_loader
     from t2f.inference import load_pipeline
     from t2f.visual import caption_grid
 
     pipeline = pipeline or load_pipeline(run_dir)
-    cfg = pipeline.cfg
-    loader = make_eval_loader(cfg.data.shards, cfg.data.eval_split, batch_size=SHOW_CAPTIONS,
-                              resolution=cfg.data.resolution, vocab=pipeline.vocab)
-    captions = list(next(iter(loader))["caption"])
+    captions = held_out_captions(pipeline, SHOW_CAPTIONS)
     images = pipeline.generate(captions, n=SAMPLES_PER_CAPTION, seed=0)
     out = run_dir / "samples.png"
     read_back = pipeline.read_back(images)
@@ -135,6 +143,13 @@ def summarise(record: dict) -> dict:
         "latent_accuracy": record.get("latent_accuracy"),
         "exact_match": values.get("attribute_exact_match"),
         "per_attribute": record.get("attribute_accuracy_per_attribute"),
+        # The same faces read by a classifier no part of the pipeline saw (t2f/toy/metrics.py).
+        "second_reader_accuracy": values.get("second_reader_accuracy"),
+        "second_reader_exact_match": values.get("second_reader_exact_match"),
+        "second_reader_per_attribute": record.get("second_reader_accuracy_per_attribute"),
+        "diversity_nuisance_ratio": record["sample_diversity"]["nuisance"]["ratio"],
+        "diversity_features_ratio": record["sample_diversity"]["features"]["ratio"],
+        "sample_diversity": record["sample_diversity"],
         "fid_toy": values.get("toy_fid"),
         "lpips_diversity": values.get("lpips_diversity"),
         "recaptioner_bleu4": record.get("recaptioner_bleu4_real"),
@@ -146,7 +161,10 @@ def summarise(record: dict) -> dict:
 def print_table(metrics: dict) -> None:
     rows = [("attribute_accuracy", "faces agree with the caption, mean over 14 attributes"),
             ("exact_match", "faces with all 14 attributes right"),
+            ("second_reader_accuracy", "the same faces read by a classifier nothing else saw (seed 2)"),
             ("latent_accuracy", "the CA head's z read by the world's latent map (no classifier)"),
+            ("diversity_nuisance_ratio", "nuisance spread of one caption's sampled z / random faces'"),
+            ("diversity_features_ratio", "feature spread of one caption's faces / random faces' renders"),
             ("fid_toy", "FID on the toy classifier's features (lower is better)"),
             ("lpips_diversity", "LPIPS between two samples of one caption"),
             ("recaptioner_bleu4", "recaptioner BLEU-4 on real held-out faces"),

@@ -5,10 +5,13 @@ toy shards without being asked):
 - attributes: the shipped attribute classifier (the judge) reads each generated face (p > 0.5)
   and is compared with the attributes its caption names; reported as the accuracy over all
   attributes, the exact match (every attribute right) and a per-attribute breakdown;
+- second_reader: the same reading by a second classifier (t2f/toy/assets/reader, seed 2), which no
+  part of the pipeline saw: neither the generator's fit, nor the recaptioner, nor training. If
+  the pipeline had learnt the judge's quirks instead of the attributes, the two would disagree;
 - toy_fid: FID (clean-fid's Frechet distance) on the judge's penultimate features, a FID that
   knows what toy faces look like.
 
-Both read `eval.toy_classifier` (empty: the judge shipped in t2f/toy/assets).
+attributes and toy_fid read `eval.toy_classifier` (empty: the judge shipped in t2f/toy/assets).
 """
 
 import hashlib
@@ -19,7 +22,7 @@ from t2f.eval.fid import feature_extractor
 from t2f.eval.hooks import Metric, register_metric
 from t2f.toy.attributes import ATTRIBUTES
 from t2f.toy.captions import parse_caption
-from t2f.toy.classifier import ASSETS, WEIGHTS_NAME, features, load_classifier, predict_attributes
+from t2f.toy.classifier import ASSETS, READER, WEIGHTS_NAME, features, load_classifier, predict_attributes
 
 
 def on_toy_shards(manifest: dict) -> bool:
@@ -56,23 +59,31 @@ def score_attributes(model, generated) -> list:
     return rows
 
 
-def _scored(records) -> list:
-    return [r["attributes"] for r in records if r["attributes"] is not None]
+def _scored(records, metric: str = "attributes") -> list:
+    return [r[metric] for r in records if r[metric] is not None]
 
 
-def summarise_attributes(records) -> dict:
-    rows = _scored(records)
-    if not rows:
-        return {}
-    return {"attribute_accuracy": math.fsum(sum(row) for row in rows) / (len(rows) * len(rows[0])),
-            "attribute_exact_match": sum(all(row) for row in rows) / len(rows)}
+def summariser(metric: str, prefix: str):
+    """records -> {PREFIX_accuracy, PREFIX_exact_match} of one reader's rows."""
+    def summarise(records) -> dict:
+        rows = _scored(records, metric)
+        if not rows:
+            return {}
+        return {f"{prefix}_accuracy": math.fsum(sum(row) for row in rows) / (len(rows) * len(rows[0])),
+                f"{prefix}_exact_match": sum(all(row) for row in rows) / len(rows)}
+    return summarise
 
 
-def attribute_breakdown(records) -> dict:
-    """Agreement per attribute, in ATTRIBUTES order."""
-    rows = _scored(records)
-    per_attribute = {name: sum(row[i] for row in rows) / len(rows) for i, name in enumerate(ATTRIBUTES)} if rows else {}
-    return {"attribute_accuracy_per_attribute": per_attribute}
+def breakdown(metric: str, prefix: str):
+    """records -> {PREFIX_accuracy_per_attribute: agreement per attribute, in ATTRIBUTES order}."""
+    def details(records) -> dict:
+        rows = _scored(records, metric)
+        per_attribute = {name: sum(row[i] for row in rows) / len(rows) for i, name in enumerate(ATTRIBUTES)} if rows else {}
+        return {f"{prefix}_accuracy_per_attribute": per_attribute}
+    return details
+
+
+summarise_attributes, attribute_breakdown = summariser("attributes", "attribute"), breakdown("attributes", "attribute")
 
 
 register_metric(Metric(
@@ -80,6 +91,12 @@ register_metric(Metric(
                   "accuracy over all attributes, exact match = every attribute right",
     build=attribute_scorer, score=score_attributes, summarise=summarise_attributes, details=attribute_breakdown,
     values=("attribute_accuracy", "attribute_exact_match"), auto=on_toy_shards))
+register_metric(Metric(
+    "second_reader", "a second toy classifier (seed 2, seen by no part of the pipeline; p > 0.5) vs the attributes "
+                     "named by the input caption; accuracy over all attributes, exact match = every attribute right",
+    build=lambda cfg, device: load_classifier(READER, device=device), score=score_attributes,
+    summarise=summariser("second_reader", "second_reader"), details=breakdown("second_reader", "second_reader"),
+    values=("second_reader_accuracy", "second_reader_exact_match"), auto=on_toy_shards))
 register_metric(Metric(
     "toy_fid", "clean-fid Frechet distance on the toy attribute classifier's penultimate features; generated vs real",
     kind="fid", build=toy_feature_extractor, auto=on_toy_shards))
