@@ -12,15 +12,53 @@ and exits 0 for the clean statuses (0, 2, 75), so the launcher stays quiet; a fa
 non-zero, so torchrun stops the other ranks instead of leaving them waiting in a collective.
 Without T2F_EXIT_DIR (`python t2f/train.py`, a bare `accelerate launch`) the process exits with
 its status unchanged. Standard library only: this runs before and after everything else.
+
+`StopRequest` remembers a SIGTERM/SIGUSR1 (the stop that ends in status 75). The trainer installs
+one before its slow imports and before it registers, so a signal during start-up is kept: under
+Slurm the trainer starts with USR1 ignored (until then it is lost), elsewhere it would be killed.
+Once its status is reported, `ignore_stop_signals()` keeps a late one (train.sbatch resends the
+stop until the step ends) from killing it while Python shuts down.
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 
 EXIT_DIR_ENV = "T2F_EXIT_DIR"
 BAD_INPUT = 2
 INTERRUPTED = 130  # what a shell reports for Ctrl-C
+
+
+class StopRequest:
+    """Remembers a SIGTERM/SIGUSR1 so the loop can finish the step and checkpoint first."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+
+_EARLY = []  # the StopRequest installed before the trainer's imports, until main() takes it
+
+
+def install_early_stop_request() -> None:
+    _EARLY.append(StopRequest())
+
+
+def take_early_stop_request():
+    """The early StopRequest, once (a second main() in one process starts with a fresh one); or None."""
+    return _EARLY.pop() if _EARLY else None
+
+
+def ignore_stop_signals() -> None:
+    """For a process that is done and only exiting: Python puts back the default action of a handled
+    signal (which kills) while it shuts down, so a stop signal resent then would end it by signal."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def requeue_status() -> int:

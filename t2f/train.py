@@ -16,13 +16,19 @@ import argparse
 import contextlib
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by `accelerate launch t2f/train.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from t2f.exit_status import StopRequest, install_early_stop_request, take_early_stop_request
+
+# As the trainer script, the stop handler goes in before the slow imports below (torch, accelerate:
+# seconds on a busy node), so a SIGUSR1/SIGTERM during them is kept for the loop (t2f/exit_status.py).
+if __name__ == "__main__":
+    install_early_stop_request()
 
 import torch
 
@@ -61,18 +67,6 @@ def parse_args(argv):
     parser.add_argument("--cpu", action="store_true", help="force CPU even when CUDA is present (gloo for several processes)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=100")
     return parser.parse_args(argv)
-
-
-class StopRequest:
-    """Remembers a SIGTERM/SIGUSR1 so the loop can finish the step and checkpoint first."""
-
-    def __init__(self):
-        self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signum = signum
 
 
 # ---------------------------------------------------------------------------- start-up
@@ -219,7 +213,7 @@ def agree(accelerator, *flags: float) -> list[bool]:
 
 
 def main(argv=None) -> int:
-    stop = StopRequest()  # first: a preemption signal during start-up must not be lost
+    stop = take_early_stop_request() or StopRequest()  # first: a preemption signal during start-up must not be lost
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -360,6 +354,8 @@ def _finish(accelerator, monitor, code: int) -> int:
 
 
 if __name__ == "__main__":
-    from t2f.exit_status import run
+    from t2f.exit_status import ignore_stop_signals, run
 
-    sys.exit(run(main))  # under ./launch: the status goes to the launcher, accelerate stays quiet
+    status = run(main)  # under ./launch: the status goes to the launcher, accelerate stays quiet
+    ignore_stop_signals()  # the run is over: a stop signal resent now (train.sbatch does) must not kill the exit
+    sys.exit(status)
