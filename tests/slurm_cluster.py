@@ -15,6 +15,9 @@ anything found by name.
 
 Without slurmdbd there is no accounting, so `sacct` does not work: job states come from
 `scontrol show job`, and MinJobAge is high so finished jobs stay visible until the end.
+
+Several nodes, each on a host of its own: tests/slurm_nodes.py's TwoNodeCluster sets `nodes`
+and `host_prefix()` (where each daemon runs) and keeps the rest of this file.
 """
 
 import os
@@ -30,6 +33,7 @@ PACKAGES = ("slurm-wlm", "munge")
 DAEMONS = ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd")
 TOOLS = ("sbatch", "scontrol", "scancel", "sinfo", "squeue")
 PARTITION = "debug"
+CONTROLLER = "controller"  # host_prefix()'s name for where slurmctld runs
 NODE = "localhost"  # also the address rank 0 listens on, so it must resolve
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
                    "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -80,12 +84,21 @@ def node_resources() -> tuple:
     return int(cpus.group(1)), int(mem_mb.group(1))
 
 
-def slurm_conf(root: Path, ctld_port: int, slurmd_port: int) -> str:
+def slurm_conf(root: Path, ctld_port: int, slurmd_port: int, controller: str = NODE,
+               nodes: dict = None, slurmd_timeout: int = 300) -> str:
+    """The cluster's slurm.conf: `controller` is SlurmctldHost (`name` or `name(address)`), `nodes`
+    maps node names to addresses (default: one node, localhost)."""
     cpus, mem_mb = node_resources()
+    nodes = nodes or {NODE: "127.0.0.1"}
+    # slurmstepd's sockets live in the spool folder and a socket path has at most 107 bytes: a
+    # folder per node only where there are several.
+    spool = f"{root}/spool" + ("/%n" if len(nodes) > 1 else "")
+    node_lines = "\n".join(f"NodeName={name} NodeAddr={addr} CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN"
+                           for name, addr in nodes.items())
     return f"""\
-# One-node test cluster written by tests/slurm_cluster.py
+# Test cluster written by tests/slurm_cluster.py
 ClusterName=t2ftest
-SlurmctldHost={NODE}
+SlurmctldHost={controller}
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={ctld_port}
@@ -94,9 +107,9 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={root}/munge/munge.socket,cred_expire={REQUEUE_DELAY_S}
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={spool}
 SlurmctldPidFile={root}/run/slurmctld.pid
-SlurmdPidFile={root}/run/slurmd.pid
+SlurmdPidFile={root}/run/slurmd-%n.pid
 SlurmctldDebug=info
 SlurmdDebug=info
 PlugStackConfig={root}/plugstack.conf
@@ -116,9 +129,9 @@ MinJobAge=86400
 KillWait=5
 InactiveLimit=0
 ReturnToService=2
-SlurmdTimeout=300
-NodeName={NODE} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
-PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
+SlurmdTimeout={slurmd_timeout}
+{node_lines}
+PartitionName={PARTITION} Nodes={",".join(nodes)} Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -136,6 +149,7 @@ class SlurmCluster:
         self.conf = self.root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
         self.procs = {}  # daemon name -> Popen
+        self.nodes = {NODE: "127.0.0.1"}  # node name -> address; subclasses place nodes elsewhere
 
     # ------------------------------------------------------------------ life cycle
 
@@ -143,18 +157,32 @@ class SlurmCluster:
         ensure_installed()
         for sub in ("munge", "state", "spool", "run", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.conf.write_text(slurm_conf(self.root, *free_ports(2)))
-        (self.root / "plugstack.conf").write_text("")
         try:
+            self.conf.write_text(self._conf_text(*free_ports(2)))
+            (self.root / "plugstack.conf").write_text("")
             self._start_munged(timeout)
-            self._spawn("slurmctld", ["/usr/sbin/slurmctld", "-D", "-i", "-f", str(self.conf)])
+            self._spawn("slurmctld", ["/usr/sbin/slurmctld", "-D", "-i", "-f", str(self.conf)], self.host_prefix(CONTROLLER))
             self._until(lambda: self.run("scontrol", "ping", check=False).returncode == 0, timeout, "slurmctld answers")
-            self._spawn("slurmd", ["/usr/sbin/slurmd", "-D", "-N", NODE, "-f", str(self.conf)])
-            self._until(self._node_idle, timeout, f"node {NODE} is idle in sinfo")
+            for name in self.nodes:
+                self.start_node(name)
+            self._until(self._nodes_idle, timeout, f"nodes {', '.join(self.nodes)} are idle in sinfo")
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _conf_text(self, ctld_port: int, slurmd_port: int) -> str:
+        return slurm_conf(self.root, ctld_port, slurmd_port)
+
+    def start_node(self, name: str) -> None:
+        """Start the slurmd of node `name` (again, after it was lost)."""
+        if len(self.nodes) > 1:
+            (self.root / "spool" / name).mkdir(exist_ok=True, mode=0o700)  # SlurmdSpoolDir: one per node
+        self._spawn(f"slurmd-{name}", ["/usr/sbin/slurmd", "-D", "-N", name, "-f", str(self.conf)], self.host_prefix(name))
+
+    def host_prefix(self, host: str) -> tuple:
+        """The command prefix that runs a daemon on `host` (CONTROLLER or a node name): here, this machine."""
+        return ()
 
     def _start_munged(self, timeout):
         key = self.root / "munge" / "munge.key"
@@ -167,10 +195,11 @@ class SlurmCluster:
                                f"--seed-file={self.root}/munge/munged.seed"])
         self._until(sock.exists, timeout, "munged's socket exists")
 
-    def _spawn(self, name, cmd):
-        log = open(self.root / "log" / f"{name}.console", "wb")
+    def _spawn(self, name, cmd, prefix=()):
+        """Start daemon `name` in the foreground; `prefix` (e.g. nsenter) runs it elsewhere and execs it."""
+        log = open(self.root / "log" / f"{name}.console", "ab")
         # A session of its own: a Ctrl-C in the terminal reaches pytest, not the daemons.
-        self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        self.procs[name] = subprocess.Popen([*prefix, *cmd], env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
 
@@ -186,9 +215,14 @@ class SlurmCluster:
             time.sleep(0.2)
         raise SlurmError(f"timed out after {timeout} s waiting until {what}\n" + self.logs())
 
-    def _node_idle(self) -> bool:
-        done = self.run("sinfo", "-h", "-n", NODE, "-o", "%T", check=False)
-        return done.returncode == 0 and done.stdout.strip().rstrip("*") == "idle"
+    def node_states(self) -> dict:
+        """Node name -> state as sinfo prints it (idle, alloc, down*, ...)."""
+        done = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False)
+        return dict(line.split() for line in done.stdout.splitlines() if len(line.split()) == 2)
+
+    def _nodes_idle(self) -> bool:
+        states = self.node_states()
+        return all(states.get(name, "").rstrip("*") == "idle" for name in self.nodes)
 
     def stop(self, timeout: float = 30):
         """Cancel every job, then end the daemons this object started, by pid."""
@@ -199,16 +233,21 @@ class SlurmCluster:
                 deadline = time.monotonic() + timeout
                 while time.monotonic() < deadline and self.run("squeue", "-h", "-o", "%i", check=False).stdout.strip():
                     time.sleep(0.5)
-        for name in ("slurmd", "slurmctld", "munged"):
-            proc = self.procs.pop(name, None)
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        slurmds = [name for name in self.procs if name.startswith("slurmd-")]
+        for name in (*slurmds, "slurmctld", "munged"):
+            self.end_daemon(name)
+
+    def end_daemon(self, name: str, sig=signal.SIGTERM) -> None:
+        """Stop one daemon this object started (TERM, then KILL after 15 s)."""
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
     def pids(self) -> dict:
         return {name: proc.pid for name, proc in self.procs.items()}
