@@ -338,8 +338,11 @@ def test_toy_shards_bring_their_metrics_to_t2f_eval(eval_setup, tmp_path, builti
         assert evaluate.main(plain + ["--metrics", "bleu", "--shards", str(shards), "--out", str(out),
                                       f"eval.stats_cache={tmp_path / 'cache'}"]) == 0
     record = json.loads(out.read_text())
-    assert set(record["metrics"]) == {"bleu4", "attribute_accuracy", "attribute_exact_match", "toy_fid"}
+    assert set(record["metrics"]) == {"bleu4", "attribute_accuracy", "attribute_exact_match", "toy_fid",
+                                      "second_reader_accuracy", "second_reader_exact_match"}
     assert "toy classifier" in record["protocol"]["attributes"] and record["attribute_accuracy_per_attribute"]
+    assert "seen by no part of the pipeline" in record["protocol"]["second_reader"]
+    assert record["second_reader_accuracy_per_attribute"]
 
 
 def test_a_worlds_metric_without_its_plugin_is_a_one_line_error(eval_setup, capsys, builtin_metrics_only):
