@@ -18,8 +18,6 @@ attributes (rejection sampling of the latent map), rendered.
 `ratio` is generated / reference: 1 is the renderer's own variety, 0 one face per caption.
 """
 
-import itertools
-
 import numpy as np
 import torch
 
@@ -67,8 +65,7 @@ def nuisance_spread(z: np.ndarray) -> float:
 
 def feature_spread(images: torch.Tensor, reader) -> float:
     """Mean pairwise L2 distance of the reader's penultimate features of images (K, 3, H, W)."""
-    f = features(images, reader)  # (K, F)
-    return float(np.mean([(f[i] - f[j]).norm().item() for i, j in itertools.combinations(range(len(f)), 2)]))
+    return torch.pdist(features(images, reader)).mean().item()  # over the K(K-1)/2 pairs
 
 
 @torch.no_grad()

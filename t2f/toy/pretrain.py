@@ -203,17 +203,11 @@ def add_arguments(parser) -> None:
 def command_line(args) -> str:
     line = (f"t2f toy pretrain --out {args.out} --steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} "
             f"--feature-weight {args.feature_weight} --attribute-weight {args.attribute_weight} --seed {args.seed}")
-    if Path(args.features).resolve() != Path(add_defaults().features).resolve():
+    from t2f.toy.classifier import BACKBONE
+
+    if Path(args.features).resolve() != BACKBONE.resolve():  # the default needs no flag
         line += f" --features {args.features}"
     return line + (f" --init {args.init}" if args.init else "")
-
-
-def add_defaults():
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args([])
 
 
 def run(args) -> int:
