@@ -353,6 +353,8 @@ try:
 except RunDirError as err:
     seen["lock"] = str(err)
 (run / f"rank{accelerator.process_index}.json").write_text(json.dumps(seen))
+accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()  # as t2f/train.py does: gloo sometimes aborts at exit otherwise
 '''
 
 
