@@ -80,6 +80,44 @@ def test_pretrain_refuses_the_judge_under_any_name(tmp_path, capsys):
     assert not (tmp_path / "g.safetensors").exists()
 
 
+def test_fit_weights_the_pixels_each_small_attribute_owns():
+    """Glasses frames, hat and mouth are found by flipping them in the same face: every pixel that
+    changes when one of them is toggled gets the region weight; the background never does."""
+    from t2f.toy.attributes import Nuisance, params_from_latent
+    from t2f.toy.render import render
+
+    rng = np.random.default_rng(3)
+    for row in rng.standard_normal((20, pretrain.ARCHITECTURE["z_dim"])):
+        attrs, nuisance = params_from_latent(row)
+        image = render(attrs, nuisance)
+        owned = pretrain.attribute_pixels(attrs, nuisance, image)
+        for name in ("Eyeglasses", "Smiling") + (() if attrs["Bald"] else ("Wearing_Hat",)):
+            toggled = render(dict(attrs, **{name: not attrs[name]}), nuisance)
+            changed = np.abs(image.astype(int) - toggled.astype(int)).max(-1) > 8
+            assert changed.any() and owned[changed].all(), name
+        assert not owned[:, :3].any() and not owned[:, -3:].any()  # the image's edges: background only
+    batch = pretrain.make_fit_batch(np.random.default_rng(0), 4)
+    z, renders, attrs, nuisance, owned = batch
+    assert owned.shape == (4, 1, 64, 64) and nuisance.shape == (4, Nuisance.size()) and owned.sum() > 0
+    G, network, probe = load_generator(SHIPPED), load_classifier(BACKBONE), torch.nn.Linear(128, 30)
+    plain = pretrain.fit_losses(G, network, probe, *batch, pretrain.Weights())
+    weighted = pretrain.fit_losses(G, network, probe, *batch, pretrain.Weights(region=3))
+    error = (G(z) - renders).abs().detach()
+    assert plain["pixel"].item() == pytest.approx(plain["l1"].item())
+    assert weighted["pixel"].item() == pytest.approx((error * (1 + 3 * owned)).mean().item(), rel=1e-5)
+
+
+def test_fit_probe_trains_the_mapping_to_carry_the_worlds_parameters():
+    """The probe term alone reaches the mapping (so it shapes w) and not the synthesis."""
+    G = load_generator(SHIPPED).requires_grad_(True)
+    probe = torch.nn.Linear(G.w_dim, 30)
+    batch = pretrain.make_fit_batch(np.random.default_rng(1), 4)
+    pretrain.fit_losses(G, load_classifier(BACKBONE), probe, *batch, pretrain.Weights())["probe"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in G.mapping.parameters())
+    assert all(p.grad is None for p in G.synthesis.parameters())
+    assert probe.weight.grad.abs().sum() > 0
+
+
 def test_diversity_reference_faces_have_the_captions_attributes_and_spread_like_the_world():
     from t2f.toy.attributes import Z_DIM, attribute_vector, params_from_latent
     from t2f.toy.diversity import latents_with_attributes, nuisance_spread

@@ -34,6 +34,7 @@ L1 (0.082 -> 0.096). Still blurrier than the renders, still without most hats an
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from t2f.toy.attributes import ATTRIBUTES, Z_DIM, attribute_vector, params_from_latent
+from t2f.toy.attributes import ATTRIBUTES, Z_DIM, Nuisance, attribute_vector, params_from_latent
 from t2f.toy.render import render
 
 ASSETS = Path(__file__).parent / "assets"
@@ -81,6 +82,36 @@ def make_batch(rng: np.random.Generator, count: int):
     return torch.from_numpy(z), to_tensor(images), torch.from_numpy(attributes)
 
 
+def attribute_pixels(attrs: dict, nuisance: Nuisance, rendered: np.ndarray) -> np.ndarray:
+    """(64, 64) bool: the pixels that the small attributes own in this face (frames, lips, mouth,
+    brim, bangs, beard), found by rendering the same face with them flipped. Three renders, each
+    flipping attributes that draw in different places: flipped together, Smiling and
+    Mouth_Slightly_Open (or a hat and its bangs, or a beard and the lips) leave pixels equal that
+    each one alone would change."""
+    hat_and_bangs = not attrs["Bald"]  # a bald head has neither
+    groups = ({"Smiling", "Eyeglasses"} | ({"Wearing_Hat"} if hat_and_bangs else set()),
+              {"Mouth_Slightly_Open"} | ({"Bangs"} if hat_and_bangs else set()),
+              {"Beard" if attrs["Male"] else "Wearing_Lipstick"})
+    owned = np.zeros(rendered.shape[:2], dtype=bool)
+    for names in groups:
+        other = render(dict(attrs, **{name: not attrs[name] for name in names}), nuisance)
+        owned |= np.abs(rendered.astype(np.int16) - other.astype(np.int16)).max(-1) > 8
+    return owned
+
+
+def make_fit_batch(rng: np.random.Generator, count: int):
+    """make_batch's (z, renders, attributes) plus what only the fit uses: the nuisance (N, Nuisance.size())
+    and the attribute pixels (N, 1, 64, 64) as 0/1."""
+    z = rng.standard_normal((count, ARCHITECTURE["z_dim"])).astype(np.float32)
+    faces = [params_from_latent(row) for row in z]
+    images = np.stack([render(attrs, nuisance) for attrs, nuisance in faces])
+    owned = np.stack([attribute_pixels(attrs, nuisance, image) for (attrs, nuisance), image in zip(faces, images)])
+    attributes = np.stack([attribute_vector(attrs) for attrs, _ in faces]).astype(np.float32)
+    nuisance = np.stack([n.to_vector() for _, n in faces])
+    return (torch.from_numpy(z), to_tensor(images), torch.from_numpy(attributes), torch.from_numpy(nuisance),
+            torch.from_numpy(owned).float().unsqueeze(1))
+
+
 def sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -108,19 +139,49 @@ def conv_activations(network, images: torch.Tensor) -> list:
     return out
 
 
-def fit_losses(G, network, z, real, attrs):
-    """(pixel L1, feature L1 summed over the conv blocks, attribute BCE) for one batch."""
-    fake = G(z, noise_mode="const")  # (B, 3, 64, 64)
-    pixel = F.l1_loss(fake, real)
+@dataclass
+class Weights:
+    """How much each term of the fit's loss counts (the pixel L1 counts 1)."""
+
+    feature: float = 0.1
+    attribute: float = 0.0
+    region: float = 0.0
+    probe: float = 0.0
+    mse: float = 0.0
+
+
+def fit_losses(G, network, probe, z, real, attrs, nuisance, owned, weights: Weights) -> dict:
+    """The fit's loss terms for one batch (and the plain pixel L1, for the log)."""
+    ws = G.mapping(z)  # (B, num_ws, w_dim), every row the same w before truncation or mixing
+    fake = G.synthesis(ws, noise_mode="const")  # (B, 3, 64, 64)
+    error = (fake - real).abs()
     with torch.no_grad():
         targets = conv_activations(network, real)
-    feature = sum(F.l1_loss(a, b) for a, b in zip(conv_activations(network, fake), targets))
-    attribute = F.binary_cross_entropy_with_logits(network(fake), attrs)
-    return pixel, feature, attribute
+    # The probe reads the world's parameters linearly from w: without it the mapping was never made to
+    # carry the thin attributes' thresholds (a hat is a 21% coin flip of one coordinate) and the L1,
+    # whose optimum is the median face, drew none.
+    read = probe(ws[:, 0])
+    return {
+        "l1": error.mean(),
+        "pixel": (error * (1 + weights.region * owned)).mean(),
+        # L1's optimum is the median face: where hats of many hues overlap, the signs of its gradient
+        # cancel and no hat is ever drawn. The squared error's optimum is the mean, whose gradient points
+        # to a hat of the average hue, which the hue coordinate can then refine.
+        "mse": (error.square() * (1 + weights.region * owned)).mean(),
+        "feature": sum(F.l1_loss(a, b) for a, b in zip(conv_activations(network, fake), targets)),
+        "attribute": F.binary_cross_entropy_with_logits(network(fake), attrs),
+        "probe": F.binary_cross_entropy_with_logits(read[:, :len(ATTRIBUTES)], attrs)
+        + F.l1_loss(torch.sigmoid(read[:, len(ATTRIBUTES):]), nuisance),
+    }
 
 
-def fit(steps: int, batch_size: int, lr: float, feature_weight: float, attribute_weight: float, seed: int,
-        network_path, init: str = "", architecture: dict | None = None):
+def total_loss(terms: dict, weights: Weights) -> torch.Tensor:
+    return (terms["pixel"] + weights.feature * terms["feature"] + weights.attribute * terms["attribute"]
+            + weights.probe * terms["probe"] + weights.mse * terms["mse"])
+
+
+def fit(steps: int, batch_size: int, lr: float, weights: Weights, seed: int, network_path, init: str = "",
+        architecture: dict | None = None):
     from t2f.models.generator import build_generator, estimate_w_avg
 
     torch.manual_seed(seed)
@@ -131,6 +192,9 @@ def fit(steps: int, batch_size: int, lr: float, feature_weight: float, attribute
         G = load_generator(init, impl="ref").requires_grad_(True).train()
     else:
         G = build_generator(architecture or ARCHITECTURE, impl="ref").train()
+    # A linear read-out of the world's attributes and nuisance from w, trained with the generator and
+    # thrown away after the fit (it is not part of the generator).
+    probe = torch.nn.Linear(G.w_dim, len(ATTRIBUTES) + Nuisance.size())
     # The mapping's equalised-lr multiplier (0.01) exists for GAN stability; here the mapping has to
     # learn the world's latent map (thresholds, normal CDFs) and is the bottleneck, so the multiplier
     # is undone and the mapping steps at MAPPING_SPEEDUP x the synthesis's rate: in a sweep of short fits
@@ -138,8 +202,8 @@ def fit(steps: int, batch_size: int, lr: float, feature_weight: float, attribute
     # Momentum helps this regression too (beta1 0.9 beat the GAN setting 0); OneCycleLR below
     # cycles beta1 between 0.85 and 0.95.
     mapping_lr = lr / G.mapping.lr_multiplier * MAPPING_SPEEDUP  # the model's own (an --init file's too)
-    optimizer = torch.optim.Adam([{"params": G.synthesis.parameters()}, {"params": G.mapping.parameters(), "lr": mapping_lr}],
-                                 lr=lr, betas=(0.9, 0.99))
+    groups = [{"params": [*G.synthesis.parameters(), *probe.parameters()]}, {"params": G.mapping.parameters(), "lr": mapping_lr}]
+    optimizer = torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.99))
     # One-cycle: short warm-up, then anneal to ~0 so the last steps polish. Too short a run to
     # schedule (smoke tests) keeps a constant rate: OneCycleLR needs a few steps per phase.
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[lr, mapping_lr], total_steps=steps,
@@ -147,15 +211,14 @@ def fit(steps: int, batch_size: int, lr: float, feature_weight: float, attribute
     rng = np.random.default_rng(seed)  # fresh faces every step (rendering costs ~0.5 ms a face): no overfitting
     bar = tqdm(range(steps), desc="toy pretrain", dynamic_ncols=True)
     for step in bar:
-        pixel, feature, attribute = fit_losses(G, network, *make_batch(rng, batch_size))
-        loss = pixel + feature_weight * feature + attribute_weight * attribute
+        terms = fit_losses(G, network, probe, *make_fit_batch(rng, batch_size), weights)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total_loss(terms, weights).backward()
         optimizer.step()
         if schedule:
             schedule.step()
         if step % 50 == 0:
-            bar.set_postfix(l1=f"{pixel.item():.4f}", feat=f"{feature.item():.3f}", attr=f"{attribute.item():.3f}")
+            bar.set_postfix({name: f"{terms[name].item():.4f}" for name in ("l1", "feature", "attribute", "probe")})
     G.eval()
     G.mapping.w_avg.copy_(estimate_w_avg(G.mapping))  # the truncation centre of the fitted mapping
     return G.requires_grad_(False)
@@ -193,6 +256,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--feature-weight", type=float, default=0.1, help="weight of the feature-matching term")
     parser.add_argument("--attribute-weight", type=float, default=0.0, help="weight of the feature network's attribute BCE")
+    parser.add_argument("--region-weight", type=float, default=0.0, help="extra L1 weight on the pixels the small "
+                        "attributes own (glasses, mouth, hat, bangs, beard, lipstick)")
+    parser.add_argument("--probe-weight", type=float, default=0.0, help="weight of a linear read-out of the world's "
+                        "attributes and nuisance from w")
+    parser.add_argument("--mse-weight", type=float, default=0.0, help="weight of a squared-error pixel term")
     parser.add_argument("--features", default=str(BACKBONE), help="the feature network: a toy classifier .safetensors "
                         "other than the judge (default: the recaptioner's backbone, seed 1)")
     parser.add_argument("--seed", type=int, default=0)
@@ -200,9 +268,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster when the other core is busy)")
 
 
+def weights_of(args) -> Weights:
+    return Weights(args.feature_weight, args.attribute_weight, args.region_weight, args.probe_weight, args.mse_weight)
+
+
 def command_line(args) -> str:
     line = (f"t2f toy pretrain --out {args.out} --steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} "
-            f"--feature-weight {args.feature_weight} --attribute-weight {args.attribute_weight} --seed {args.seed}")
+            f"--feature-weight {args.feature_weight} --attribute-weight {args.attribute_weight} "
+            f"--region-weight {args.region_weight} --probe-weight {args.probe_weight} --mse-weight {args.mse_weight} "
+            f"--seed {args.seed}")
     from t2f.toy.classifier import BACKBONE
 
     if Path(args.features).resolve() != BACKBONE.resolve():  # the default needs no flag
@@ -219,8 +293,7 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
-        G = fit(args.steps, args.batch_size, args.lr, args.feature_weight, args.attribute_weight, args.seed,
-                args.features, args.init)
+        G = fit(args.steps, args.batch_size, args.lr, weights_of(args), args.seed, args.features, args.init)
     except JudgeRefused as err:
         print(f"t2f toy pretrain: {err}", file=sys.stderr)
         return 2
@@ -229,7 +302,7 @@ def run(args) -> int:
     # Measured after the fit: the judge and the backbone read G(z) and render(z) of held-out latents.
     report = held_out_report(G, {"judge": load_classifier(), "backbone": load_classifier(BACKBONE)})
     fit_record = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                  "feature_weight": args.feature_weight, "attribute_weight": args.attribute_weight, "seed": args.seed,
+                  **{f"{name}_weight": value for name, value in vars(weights_of(args)).items()}, "seed": args.seed,
                   "feature_network": {"file": _shown(args.features), "sha256": sha256(args.features)},
                   "minutes": minutes, "torch_threads": args.threads, "held_out": report, "command": command_line(args)}
     Path(str(args.out) + ".fit.json").write_text(json.dumps(fit_record, indent=2) + "\n")
