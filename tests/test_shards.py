@@ -422,3 +422,16 @@ def test_a_manifest_from_before_the_record_is_checked_by_name_and_warns(tmp_path
         check_text_features(old, TextConfig(encoder="enc-a"), True, encoder=FeatureStub("enc-a"))
     with pytest.raises(TextFeaturesMismatch):
         check_text_features(old, TextConfig(encoder="enc-b"), True)
+
+
+def test_shard_workers_are_not_forked_from_the_caller():
+    """A worker forked from a process with other threads (a server, a process group, W&B) can
+    inherit a lock one of them held and wait forever, and the build with it: this hung the test
+    suite once. The pool's workers start from a forkserver instead."""
+    import os
+
+    from t2f.data.writer import worker_pool
+
+    with worker_pool(2) as pool:
+        parents = {pool.apply(os.getppid) for _ in range(4)}
+    assert os.getpid() not in parents

@@ -355,7 +355,7 @@ def _map(fn, items: list, workers: int, progress: bool, desc: str) -> list:
     bar = dict(total=len(items), desc=desc, disable=not progress or not items, unit="img")
     if workers <= 1 or len(items) < 64:
         return [fn(x) for x in tqdm(items, **bar)]
-    import multiprocessing
+    from t2f.data.writer import worker_pool
 
-    with multiprocessing.get_context().Pool(workers) as pool:
+    with worker_pool(workers) as pool:
         return list(tqdm(pool.imap(fn, items, chunksize=64), **bar))

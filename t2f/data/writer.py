@@ -71,10 +71,17 @@ def _imap(fn, tasks, workers):
     if workers <= 1 or len(tasks) <= 1:
         yield from map(fn, tasks)
         return
+    with worker_pool(min(workers, len(tasks))) as pool:
+        yield from pool.imap_unordered(fn, tasks)
+
+
+def worker_pool(workers: int):
+    """A process pool whose workers start from a clean forkserver, never forked from this process:
+    a fork copies the locks other threads hold (an HTTP server, a process group's threads, W&B's),
+    and a worker that inherits a held one waits forever while the pool waits for it."""
     import multiprocessing
 
-    with multiprocessing.get_context().Pool(min(workers, len(tasks))) as pool:
-        yield from pool.imap_unordered(fn, tasks)
+    return multiprocessing.get_context("forkserver").Pool(workers)
 
 
 def _write_shard(task: dict) -> dict:
