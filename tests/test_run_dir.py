@@ -319,7 +319,7 @@ def test_a_checkpoint_is_readable_by_the_group(trainer, tmp_path, umask, file_mo
 # ----------------------------------------------------------------------------- two ranks
 
 PROBE = '''
-import errno, json, sys
+import errno, json, os, sys
 from pathlib import Path
 import torch
 from accelerate import Accelerator
@@ -354,7 +354,11 @@ except RunDirError as err:
     seen["lock"] = str(err)
 (run / f"rank{accelerator.process_index}.json").write_text(json.dumps(seen))
 accelerator.wait_for_everyone()
-torch.distributed.destroy_process_group()  # as t2f/train.py does: gloo sometimes aborts at exit otherwise
+torch.distributed.destroy_process_group()  # as t2f/train.py does
+# Even so, rank 0 of this probe (and only of this probe: after a failed save_state) aborted in 2 of
+# about 8 runs while the interpreter tore down ("terminate called without an active exception",
+# a C++ thread still joinable). Not understood; what this test checks is done, so skip the teardown.
+os._exit(0)
 '''
 
 
