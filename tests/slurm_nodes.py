@@ -206,10 +206,13 @@ class TwoNodeCluster(SlurmCluster):
     def host_prefix(self, host: str) -> tuple:
         return self.hosts[CONTROLLER_HOST if host == CONTROLLER else host].prefix()
 
-    def start_node(self, name: str) -> None:
+    def start_node(self, name: str, timeout: float = 60) -> None:
         if name not in self.hosts:  # a lost node comes back as a fresh host
             self._host_up(name)
         super().start_node(name)
+        # A job submitted before the controller has seen the node's slurmd again was once given the
+        # node and failed its step launch there ("Communication connection failure").
+        self._until(lambda: self.node_states().get(name) == "idle", timeout, f"node {name} is idle (and responding) in sinfo")
 
     def lose_node(self, name: str) -> None:
         """As if the machine died: unplugged first (its peers hear nothing), then all on it killed."""
