@@ -69,11 +69,12 @@ class JudgeRefused(ValueError):
 
 
 def render_latents(z: np.ndarray):
-    """Renders (N, 64, 64, 3) uint8 and attribute vectors (N, A) float32 for latents z (N, Z)."""
+    """The faces (attributes, nuisance), renders (N, 64, 64, 3) uint8 and attribute vectors (N, A)
+    float32 of latents z (N, Z)."""
     faces = [params_from_latent(row) for row in z]
     images = np.stack([render(attrs, nuisance) for attrs, nuisance in faces])
     attributes = np.stack([attribute_vector(attrs) for attrs, _ in faces]).astype(np.float32)
-    return images, attributes
+    return faces, images, attributes
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -84,7 +85,7 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 def make_batch(rng: np.random.Generator, count: int):
     """Latents z (N, Z), their renders (N, 3, 64, 64) in [-1, 1] and attribute vectors (N, A)."""
     z = rng.standard_normal((count, ARCHITECTURE["z_dim"])).astype(np.float32)
-    images, attributes = render_latents(z)
+    _, images, attributes = render_latents(z)
     return torch.from_numpy(z), to_tensor(images), torch.from_numpy(attributes)
 
 
@@ -109,10 +110,8 @@ def make_fit_batch(rng: np.random.Generator, count: int):
     """make_batch's (z, renders, attributes) plus what only the fit uses: the nuisance (N, Nuisance.size())
     and the attribute pixels (N, 1, 64, 64) as 0/1."""
     z = rng.standard_normal((count, ARCHITECTURE["z_dim"])).astype(np.float32)
-    faces = [params_from_latent(row) for row in z]
-    images = np.stack([render(attrs, nuisance) for attrs, nuisance in faces])
+    faces, images, attributes = render_latents(z)
     owned = np.stack([attribute_pixels(attrs, nuisance, image) for (attrs, nuisance), image in zip(faces, images)])
-    attributes = np.stack([attribute_vector(attrs) for attrs, _ in faces]).astype(np.float32)
     nuisance = np.stack([n.to_vector() for _, n in faces])
     return (torch.from_numpy(z), to_tensor(images), torch.from_numpy(attributes), torch.from_numpy(nuisance),
             torch.from_numpy(owned).float().unsqueeze(1))
@@ -167,7 +166,7 @@ def fit_losses(G, network, probe, z, real, attrs, nuisance, owned, weights: Weig
     # carry the thin attributes' thresholds (a hat is a 21% coin flip of one coordinate) and the L1,
     # whose optimum is the median face, drew none.
     read = probe(ws[:, 0])
-    return {
+    terms = {
         "l1": error.mean(),
         "pixel": (error * (1 + weights.region * owned)).mean(),
         # L1's optimum is the median face: where hats of many hues overlap, the signs of its gradient
@@ -175,14 +174,16 @@ def fit_losses(G, network, probe, z, real, attrs, nuisance, owned, weights: Weig
         # to a hat of the average hue, which the hue coordinate can then refine.
         "mse": (error.square() * (1 + weights.region * owned)).mean(),
         "feature": sum(F.l1_loss(a, b) for a, b in zip(conv_activations(network, fake), targets)),
-        "attribute": F.binary_cross_entropy_with_logits(network(fake), attrs),
         "probe": F.binary_cross_entropy_with_logits(read[:, :len(ATTRIBUTES)], attrs)
         + F.l1_loss(torch.sigmoid(read[:, len(ATTRIBUTES):]), nuisance),
     }
+    if weights.attribute:  # a second pass of the feature network through the fake: only when it counts
+        terms["attribute"] = F.binary_cross_entropy_with_logits(network(fake), attrs)
+    return terms
 
 
 def total_loss(terms: dict, weights: Weights) -> torch.Tensor:
-    return (terms["pixel"] + weights.feature * terms["feature"] + weights.attribute * terms["attribute"]
+    return (terms["pixel"] + weights.feature * terms["feature"] + weights.attribute * terms.get("attribute", 0)
             + weights.probe * terms["probe"] + weights.mse * terms["mse"])
 
 
@@ -224,7 +225,7 @@ def fit(steps: int, batch_size: int, lr: float, weights: Weights, seed: int, net
         if schedule:
             schedule.step()
         if step % 50 == 0:
-            bar.set_postfix({name: f"{terms[name].item():.4f}" for name in ("l1", "feature", "attribute", "probe")})
+            bar.set_postfix({name: f"{value.item():.4f}" for name, value in terms.items() if name not in ("pixel", "mse")})
     G.eval()
     G.mapping.w_avg.copy_(estimate_w_avg(G.mapping))  # the truncation centre of the fitted mapping
     return G.requires_grad_(False)
