@@ -155,6 +155,25 @@ def test_latent_map_respects_rules_and_frequencies():
         params_from_latent(np.zeros(LATENT_DIMS))
 
 
+def test_every_hair_colour_borders_the_average_face():
+    """Hair is a direction in z: turning the hair coordinates around a point close to the average face
+    meets every colour (and bald, for men), in the order black, brown, blond, gray, back to the start.
+    On the first world's line, gray was two bands from the average woman and no training reached it."""
+    from t2f.toy.attributes import HAIR
+
+    rng = np.random.default_rng(0)
+    for male, colours in ((False, HAIR[:4]), (True, HAIR[4:] + HAIR[:4])):
+        z = rng.standard_normal(Z_DIM)
+        z[0] = 1.0 if male else -1.0
+        seen = []
+        for angle in np.linspace(0, 2 * np.pi, 360, endpoint=False):
+            z[1], z[LATENT_DIMS - 1] = 0.05 * np.cos(angle), 0.05 * np.sin(angle)  # 0.05: near the centre
+            hair = next(h for h in HAIR if params_from_latent(z)[0][h])
+            if not seen or seen[-1] != hair:
+                seen.append(hair)
+        assert tuple(seen) == colours, f"{'men' if male else 'women'}: {seen}"
+
+
 def test_latent_map_reads_only_what_the_generator_mapping_can_read():
     """StyleGAN2's mapping scales z to unit second moment, so the world must not depend on z's length:
     otherwise no generator could draw the face the world assigns to z (the old map changed an

@@ -17,12 +17,23 @@ numbers (the toy generator's z_dim) into a face. It first scales z to unit secon
 StyleGAN2's mapping network does with its input, so the map reads only what a generator can read:
 the old map read the raw z, whose length the mapping throws away, and 13% of faces changed an
 attribute when z was rescaled that way, an error no fit could remove. Then it thresholds fixed
-coordinates for the attributes and pushes further coordinates (LATENT_DIMS in all are read) through
-the normal CDF for the nuisance. `sample_face(rng)` is exactly that map applied to
-`rng.standard_normal(Z_DIM)`, so a generator regressed onto `render(*params_from_latent(z))` sees the
-same distribution as the data. Marginals (those of a standard normal; the scaling moves them < 1%):
-Male 50%, Smiling 50%, Eyeglasses 25%, Pale_Skin 25%, Mouth_Slightly_Open 40%, Bald 15%,
-Black/Brown/Blond/Gray hair 25.5/21.2/21.2/17%, Wearing_Hat 21%, Bangs 30%, Beard 25%, Lipstick 30%.
+coordinates for the attributes, reads the hair from the angle of two coordinates (below) and pushes
+further coordinates (LATENT_DIMS in all are read) through the normal CDF for the nuisance.
+
+`sample_face(rng)` is exactly that map applied to `rng.standard_normal(Z_DIM)`, so a generator
+regressed onto `render(*params_from_latent(z))` sees the same distribution as the data. Marginals
+(those of a standard normal; the scaling moves them < 1%): Male 50%, Smiling 50%, Eyeglasses 25%,
+Pale_Skin 25%, Mouth_Slightly_Open 40%, Bald 15%, Black/Brown/Blond/Gray hair 25.5/21.2/21.2/17%,
+Wearing_Hat 21%, Bangs 30%, Beard 25%, Lipstick 30%.
+
+Hair is a direction, not a position on a line: the angle of (z[_Z_HAIR], z[_Z_HAIR_2]) is cut into
+sectors (bald, black, brown, blond, gray for men; black, brown, blond, gray for women; the angle of
+two independent normals is uniform, so the shares are those of the old bands), and every colour
+borders the average face, as a hair colour is a direction from the mean in a real generator's
+latent space. The first world cut one coordinate into bands: gray sat at the far end, behind
+blond, and training never reached it (0 of 39 held-out gray captions drew gray hair; gradient
+descent on z through the generator and recaptioner, started from the CA head's z, reached gray
+for 0 of 16 captions, started in the blond band for 13).
 """
 
 import dataclasses
@@ -83,7 +94,8 @@ class Nuisance:
         return cls(*(float(v) for v in clipped))
 
 
-LATENT_DIMS = _ATTRIBUTE_DIMS + Nuisance.size()
+_Z_HAIR_2 = _ATTRIBUTE_DIMS + Nuisance.size()  # the hair angle's second axis, after the nuisance coordinates
+LATENT_DIMS = _Z_HAIR_2 + 1
 Z_DIM = 32  # the world's latent, which is the toy generator's z; the coordinates after LATENT_DIMS only scale it
 
 
@@ -91,8 +103,14 @@ def _normal_cdf(x):
     return 0.5 * (1.0 + math.erf(float(x) / math.sqrt(2.0)))
 
 
+def _hair_angle(x: float, y: float) -> float:
+    """The angle of (x, y) as a fraction of a turn, in [0, 1): uniform when x, y are independent normals."""
+    return (math.atan2(y, x) / (2 * math.pi)) % 1.0
+
+
 def _hair_from_uniform(u: float, male: bool) -> str:
-    """Bald takes the bottom of u for men; the rest of the range splits by _HAIR_SHARES."""
+    """Bald takes the bottom of u for men; the rest of the range splits by _HAIR_SHARES (u is a
+    fraction of a turn, so the last colour borders the first)."""
     if male:
         if u < _BALD_AMONG_MEN:
             return "Bald"
@@ -109,9 +127,10 @@ def params_from_latent(z) -> tuple[dict, Nuisance]:
     """Fixed map from a standard-normal z (Z_DIM numbers) to (attributes, nuisance).
 
     z is scaled to unit second moment first (StyleGAN2's mapping does the same), so z and 3 * z are
-    the same face. Coordinates 0..8 decide Male, hair (incl. Bald), Smiling, Eyeglasses, Wearing_Hat,
-    Beard/Lipstick, Mouth_Slightly_Open, Bangs, Pale_Skin by thresholds on their normal CDF;
-    coordinates 9..LATENT_DIMS-1 become the Nuisance fields through the normal CDF.
+    the same face. Coordinates 0 and 2..8 decide Male, Smiling, Eyeglasses, Wearing_Hat, Beard/Lipstick,
+    Mouth_Slightly_Open, Bangs, Pale_Skin by thresholds on their normal CDF; the angle of coordinates
+    1 and 25 decides the hair (incl. Bald); coordinates 9..24 become the Nuisance fields through the
+    normal CDF.
     """
     z = np.asarray(z, dtype=np.float64).reshape(-1)
     if z.shape[0] != Z_DIM:
@@ -119,7 +138,7 @@ def params_from_latent(z) -> tuple[dict, Nuisance]:
     z = z / np.sqrt(np.mean(z * z) + 1e-8)  # as StyleGAN2's normalize_2nd_moment (same epsilon)
     u = [_normal_cdf(v) for v in z[:LATENT_DIMS]]
     male = u[_Z_MALE] >= 0.5
-    hair = _hair_from_uniform(u[_Z_HAIR], male)
+    hair = _hair_from_uniform(_hair_angle(z[_Z_HAIR], z[_Z_HAIR_2]), male)
     bald = hair == "Bald"
     attrs = {name: False for name in ATTRIBUTES}
     attrs.update(
@@ -134,7 +153,7 @@ def params_from_latent(z) -> tuple[dict, Nuisance]:
         Pale_Skin=u[_Z_PALE] < 0.25,
     )
     attrs[hair] = True
-    return attrs, Nuisance.from_vector(u[_ATTRIBUTE_DIMS:LATENT_DIMS])
+    return attrs, Nuisance.from_vector(u[_ATTRIBUTE_DIMS:_Z_HAIR_2])
 
 
 def sample_face(rng: np.random.Generator) -> tuple[dict, Nuisance]:
