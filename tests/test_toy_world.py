@@ -159,7 +159,7 @@ def test_every_hair_colour_borders_the_average_face():
     """Hair is a direction in z: turning the hair coordinates around a point close to the average face
     meets every colour (and bald, for men), in the order black, brown, blond, gray, back to the start.
     On the first world's line, gray was two bands from the average woman and no training reached it."""
-    from t2f.toy.attributes import HAIR
+    from t2f.toy.attributes import _Z_HAIR, _Z_HAIR_2, HAIR
 
     rng = np.random.default_rng(0)
     for male, colours in ((False, HAIR[:4]), (True, HAIR[4:] + HAIR[:4])):
@@ -167,7 +167,7 @@ def test_every_hair_colour_borders_the_average_face():
         z[0] = 1.0 if male else -1.0
         seen = []
         for angle in np.linspace(0, 2 * np.pi, 360, endpoint=False):
-            z[1], z[LATENT_DIMS - 1] = 0.05 * np.cos(angle), 0.05 * np.sin(angle)  # 0.05: near the centre
+            z[_Z_HAIR], z[_Z_HAIR_2] = 0.05 * np.cos(angle), 0.05 * np.sin(angle)  # 0.05: near the centre
             hair = next(h for h in HAIR if params_from_latent(z)[0][h])
             if not seen or seen[-1] != hair:
                 seen.append(hair)

@@ -1,7 +1,8 @@
 """`t2f toy pretrain`: fit the toy world's tiny StyleGAN2 to the renderer (no GAN needed).
 
 The toy world is defined by one map, `params_from_latent(z)` (t2f/toy/attributes.py): a
-standard-normal z decides the attributes (thresholds on fixed coordinates) and the nuisance.
+standard-normal z decides the attributes (thresholds on fixed coordinates, the hair by an angle)
+and the nuisance.
 The generator — the same MappingNetwork and SynthesisNetwork classes as FFHQ's, at 64x64 with
 small widths — is regressed so that G(z) = render(params_from_latent(z)):
 
