@@ -58,7 +58,7 @@ def test_pretrain_command_writes_a_loadable_generator_and_records_its_feature_ne
     report = json.loads((tmp_path / "g.fit.json").read_text())
     assert report["feature_network"] == {"file": "t2f/toy/assets/backbone/classifier.safetensors",
                                          "sha256": hashlib.sha256(BACKBONE.read_bytes()).hexdigest()}
-    assert {"l1", "judge_agreement", "backbone_agreement"} <= set(report["held_out"])
+    assert {"l1", "judge_agreement", "backbone_agreement", "reader_agreement"} <= set(report["held_out"])
     assert report["command"].startswith("t2f toy pretrain") and "--features" not in report["command"]
     with pytest.raises(FileNotFoundError, match="nowhere"):
         main(["pretrain", "--out", str(tmp_path / "h"), "--steps", "2", "--batch-size", "4",

@@ -297,7 +297,7 @@ def run(args) -> int:
     import sys
 
     from t2f.models.weights import save_generator
-    from t2f.toy.classifier import BACKBONE, load_classifier
+    from t2f.toy.classifier import BACKBONE, READER, load_classifier
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -308,8 +308,10 @@ def run(args) -> int:
         return 2
     minutes = round((time.perf_counter() - start) / 60, 1)
     weights, _ = save_generator(G, args.out)
-    # Measured after the fit: the judge and the backbone read G(z) and render(z) of held-out latents.
-    report = held_out_report(G, {"judge": load_classifier(), "backbone": load_classifier(BACKBONE)})
+    # Measured after the fit: the judge, the backbone and the demo's second reader read G(z) and render(z)
+    # of held-out latents.
+    report = held_out_report(G, {"judge": load_classifier(), "backbone": load_classifier(BACKBONE),
+                                 "reader": load_classifier(READER)})
     fit_record = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                   **{f"{name}_weight": value for name, value in vars(weights_of(args)).items()}, "seed": args.seed,
                   "feature_network": {"file": _shown(args.features), "sha256": sha256(args.features)},
