@@ -61,11 +61,14 @@ def detect_format(path) -> str:
         return "rosinality_pt"
     if head.startswith(TORCH_LEGACY_MAGIC):
         return "rosinality_pt"
-    if head[0] == 0x80:  # pickle protocol marker
-        return "nvlabs_pkl"
+    # safetensors before pickle: the file opens with its header's length, little-endian, so a header of
+    # 0x380 bytes starts 80 03, which is also how a protocol-3 pickle starts. A pickle's ninth byte is
+    # inside its first opcodes, never the "{" that opens a safetensors header.
     header_len = int.from_bytes(head[:8], "little")
     if 8 + header_len <= size and head[8:9] == b"{":
         return "t2f"
+    if head[0] == 0x80:  # pickle protocol marker
+        return "nvlabs_pkl"
     raise CheckpointError(f"{path}: not a checkpoint format t2f reads (first bytes {head[:8].hex()}); expected {_format_list()}")
 
 
