@@ -80,6 +80,46 @@ def test_pretrain_refuses_the_judge_under_any_name(tmp_path, capsys):
     assert not (tmp_path / "g.safetensors").exists()
 
 
+@pytest.mark.parametrize("arguments, says", [
+    (["--workers", "-1"], "--workers -1"),
+    (["--device", "gpu0"], "--device gpu0"),
+    (["--channel-max", "0"], "widths are positive"),
+    (["--init", str(SHIPPED), "--channel-max", "128"], "--init continues a file with its own widths"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "sees no CUDA device")]))
+def test_pretrain_refuses_careless_arguments_in_one_line(tmp_path, capsys, arguments, says):
+    from t2f.toy.cli import main
+
+    assert main(["pretrain", "--out", str(tmp_path / "g"), "--steps", "2", *arguments]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1
+    assert not (tmp_path / "g.safetensors").exists()
+
+
+def test_render_workers_draw_the_same_faces_for_any_number_of_workers():
+    """--workers N renders batch k from the seed (seed, k): one worker or two, the fit sees the same faces.
+    --workers 0 keeps the single stream the shipped generator was fitted on."""
+    one = list(pretrain.fit_batches(seed=3, batch_size=2, steps=3, workers=1))
+    two = list(pretrain.fit_batches(seed=3, batch_size=2, steps=3, workers=2))
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(one[0][0], one[1][0])  # a fresh batch every step
+    rng = np.random.default_rng(3)
+    in_process = list(pretrain.fit_batches(seed=3, batch_size=2, steps=2, workers=0))
+    for batch in in_process:
+        assert all(torch.equal(x, y) for x, y in zip(batch, pretrain.make_fit_batch(rng, 2)))
+
+
+def test_pretrain_fits_a_wider_generator_in_render_workers(tmp_path):
+    from t2f.toy.cli import main
+
+    assert main(["pretrain", "--out", str(tmp_path / "g"), "--steps", "2", "--batch-size", "4", "--workers", "2",
+                 "--channel-max", "32"]) == 0
+    assert load_generator(tmp_path / "g.safetensors").synthesis.b16.conv0.weight.shape[0] == 32  # min(1024 / 16, 32); default 64
+    record = json.loads((tmp_path / "g.fit.json").read_text())
+    assert record["workers"] == 2 and record["command"].endswith("--channel-max 32 --workers 2")
+
+
 def test_fit_weights_the_pixels_each_small_attribute_owns():
     """Glasses frames, hat and mouth are found by flipping them in the same face: every pixel that
     changes when one of them is toggled gets the region weight; the background never does."""
