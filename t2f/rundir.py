@@ -46,11 +46,16 @@ def agree(accelerator, message: str | None) -> str | None:
 
 
 class RunLock:
-    """Exclusive ownership of a run directory by one trainer (take it on the main process only)."""
+    """Exclusive ownership of a run directory by one trainer (take it on the main process only).
 
-    def __init__(self, run_dir):
+    Other long jobs that own files reuse it with their own lock `path` (then `run_dir` only names what is
+    held), the `owner` the busy message names and the `setting` it tells the user to change
+    (`t2f toy pretrain`: OUT, OUT.lock, --out)."""
+
+    def __init__(self, run_dir, path=None, owner: str = "trainer", setting: str = "train.run_dir"):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_FILE
+        self.path = Path(path) if path else self.run_dir / LOCK_FILE
+        self.owner, self.setting = owner, setting
         self.token = None
 
     def __enter__(self):
@@ -60,7 +65,7 @@ class RunLock:
         self.release()
 
     def acquire(self) -> "RunLock":
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         me = holder_info()
         for _ in range(100):
             if self._create(me):
@@ -74,10 +79,10 @@ class RunLock:
                 time.sleep(0.1)  # its creator is still writing it
                 continue
             if holder is not None and not is_stale(holder, me):
-                raise RunDirError(_busy_message(self.run_dir, self.path, holder))
+                raise RunDirError(self._busy_message(holder))
             self._break(raw)
-        raise RunDirError(f"{self.path}: could not take the lock of this run directory (it keeps changing hands); "
-                          f"make sure a single trainer uses {self.run_dir}")
+        raise RunDirError(f"{self.path}: could not take this lock (it keeps changing hands); "
+                          f"make sure a single {self.owner} uses {self.run_dir}")
 
     def release(self) -> None:
         """Remove the lock file if it is still ours (someone may have judged us dead and taken it)."""
@@ -101,12 +106,12 @@ class RunLock:
         except OSError as err:  # e.g. a full disk: leave no empty lock behind
             self.path.unlink(missing_ok=True)
             raise RunDirError(f"{self.path}: cannot write the run lock ({err.strerror}); "
-                              f"free space on the device of {self.run_dir} or choose another train.run_dir") from None
+                              f"free space on the device of {self.run_dir} or choose another {self.setting}") from None
         return True
 
     def _break(self, seen: bytes) -> None:
         """Move a stale lock aside; if it changed hands since we read it, put it back."""
-        aside = self.path.with_name(f"{LOCK_FILE}.{socket.gethostname()}.{os.getpid()}.stale")
+        aside = self.path.with_name(f"{self.path.name}.{socket.gethostname()}.{os.getpid()}.stale")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
@@ -117,6 +122,12 @@ class RunLock:
             except OSError:
                 pass
         aside.unlink(missing_ok=True)
+
+    def _busy_message(self, holder: dict) -> str:
+        job = f", Slurm job {holder['slurm_job']}" if holder.get("slurm_job") else ""
+        return (f"{self.run_dir} is in use by another {self.owner} (host {holder.get('host')}, pid {holder.get('pid')}, "
+                f"started {holder.get('started')}{job}); wait for it to end or choose another {self.setting} "
+                f"(if that {self.owner} is gone, delete {self.path})")
 
 
 def holder_info() -> dict:
@@ -167,13 +178,6 @@ def _boot_id() -> str | None:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return None
-
-
-def _busy_message(run_dir: Path, path: Path, holder: dict) -> str:
-    job = f", Slurm job {holder['slurm_job']}" if holder.get("slurm_job") else ""
-    return (f"{run_dir} is in use by another trainer (host {holder.get('host')}, pid {holder.get('pid')}, "
-            f"started {holder.get('started')}{job}); wait for it to end or choose another train.run_dir "
-            f"(if that trainer is gone, delete {path})")
 
 
 def _read_bytes(path: Path) -> bytes | None:

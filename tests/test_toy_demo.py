@@ -104,6 +104,8 @@ def test_render_workers_draw_the_same_faces_for_any_number_of_workers():
     for a, b in zip(one, two):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(one[0][0], one[1][0])  # a fresh batch every step
+    resumed = list(pretrain.fit_batches(seed=3, batch_size=2, steps=3, workers=2, start=1))  # a fit resumed at step 1
+    assert len(resumed) == 2 and all(torch.equal(x, y) for a, b in zip(resumed, one[1:]) for x, y in zip(a, b))
     rng = np.random.default_rng(3)
     in_process = list(pretrain.fit_batches(seed=3, batch_size=2, steps=2, workers=0))
     for batch in in_process:
@@ -118,6 +120,61 @@ def test_pretrain_fits_a_wider_generator_in_render_workers(tmp_path):
     assert load_generator(tmp_path / "g.safetensors").synthesis.b16.conv0.weight.shape[0] == 32  # min(1024 / 16, 32); default 64
     record = json.loads((tmp_path / "g.fit.json").read_text())
     assert record["workers"] == 2 and record["command"].endswith("--channel-max 32 --workers 2")
+
+
+def test_pretrain_killed_mid_fit_resumes_to_the_same_generator(tmp_path, capsys):
+    """kill -9 during a fit, the same command again: it continues from the last saved step and ends with
+    exactly the weights of a fit that was never stopped (so a 2-hour fit loses minutes, not the fit).
+    While the first one runs, a second fit on the same --out is refused."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from t2f.toy.cli import main
+
+    def command(out):
+        return ["pretrain", "--out", str(out), "--steps", "400", "--batch-size", "2", "--checkpoint-every", "4",
+                "--region-weight", "4", "--probe-weight", "1"]
+
+    state = tmp_path / "killed.fit-state.pt"
+    fit = subprocess.Popen([sys.executable, "-m", "t2f.cli", "toy", *command(tmp_path / "killed")],
+                           cwd=pretrain.ASSETS.parents[2], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not state.exists() and fit.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert main(command(tmp_path / "killed")) == 2
+    assert f"in use by another toy pretrain (host {socket.gethostname()}, pid {fit.pid}" in capsys.readouterr().err
+    os.kill(fit.pid, signal.SIGKILL)
+    fit.wait()
+    saved_at = pretrain.read_fit_state(state)["step"]
+    assert 0 < saved_at < 400 and not (tmp_path / "killed.safetensors").exists()
+
+    assert main(command(tmp_path / "killed")) == 0  # its lock is stale now: the holder was kill -9'd
+    assert f"resuming from step {saved_at} of 400" in capsys.readouterr().out
+    assert not state.exists() and not (tmp_path / "killed.lock").exists()  # the finished fit removes its state
+    assert main(command(tmp_path / "whole")) == 0
+    resumed, whole = load_file(tmp_path / "killed.safetensors"), load_file(tmp_path / "whole.safetensors")
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_pretrain_refuses_a_saved_state_of_another_fit_or_a_damaged_one(tmp_path, capsys):
+    from t2f.toy.cli import main
+
+    state = tmp_path / "g.fit-state.pt"
+    torch.save({"step": 4, "fit": {"steps": 99}}, state)
+    assert main(["pretrain", "--out", str(tmp_path / "g"), "--steps", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "belongs to another fit (steps 99 -> 8;" in err and err.count("\n") == 1
+    state.write_bytes(b"half a file")
+    assert main(["pretrain", "--out", str(tmp_path / "g"), "--steps", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "g.fit-state.pt is unreadable" in err and "delete it" in err and err.count("\n") == 1
+    assert state.exists() and not (tmp_path / "g.safetensors").exists()  # nothing thrown away, nothing half-made
 
 
 def test_fit_weights_the_pixels_each_small_attribute_owns():

@@ -39,6 +39,10 @@ recovers the lost coordinates only slowly), a squared-error term (`--mse-weight 
 2000 steps from scratch), continuing the shipped fit (the mapping alone or all of it), a 2-layer
 mapping and a mapping pre-fitted to the world's parameters (README, "How far to trust it").
 
+A fit saves its state to OUT.fit-state.pt every 500 steps (`--checkpoint-every`): killed, the same
+command continues from there and ends with the weights of a fit never stopped; another command with
+the same --out is refused until that file is deleted, and so is a second fit while one holds OUT.lock.
+
 Bigger fits: `--channel-base/--channel-max` widen the synthesis (twice as wide: 0.171 against
 0.183 after 1500 steps, 1.85x the time a step), `--device cuda` trains on a GPU, and `--workers N`
 renders the batches in N processes ahead of the step, which a GPU needs (the renderer takes 76 ms
@@ -48,6 +52,7 @@ a batch of 32 on one core) and this 2-core machine does not (150 steps: 0.7 min 
 import collections
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +80,10 @@ VISIBLE_ERROR = 0.3
 
 class JudgeRefused(ValueError):
     """The feature network given to the fit is the demo's judge."""
+
+
+class FitStateError(ValueError):
+    """OUT.fit-state.pt cannot be continued by this command: unreadable, or another fit's."""
 
 
 def render_latents(z: np.ndarray):
@@ -141,7 +150,7 @@ def _render_fit_batch(task) -> tuple:
     return _fit_arrays(np.random.default_rng([seed, step]), count)
 
 
-def fit_batches(seed: int, batch_size: int, steps: int, workers: int = 0):
+def fit_batches(seed: int, batch_size: int, steps: int, workers: int = 0, start: int = 0, rng=None):
     """The fit's batches, one per step (rendering costs about 0.5 ms a face, so they are fresh every step
     and nothing overfits).
 
@@ -149,17 +158,19 @@ def fit_batches(seed: int, batch_size: int, steps: int, workers: int = 0):
     shipped fit. workers >= 1 draws batch k from the seed (seed, k) and renders it in `workers` processes a
     few batches ahead of the training step: the same faces for any number of workers, and on a GPU the
     renderer (76 ms a batch of 32 on one core) no longer sets the pace.
+    A resumed fit starts at batch `start`; with workers=0 `rng` is that stream's generator, restored
+    (default: a fresh one seeded with `seed`), which the caller keeps to save its state.
     """
     if workers == 0:
-        rng = np.random.default_rng(seed)
-        for _ in range(steps):
+        rng = rng if rng is not None else np.random.default_rng(seed)
+        for _ in range(start, steps):
             yield make_fit_batch(rng, batch_size)
         return
     from t2f.data.writer import worker_pool
 
     with worker_pool(workers) as pool:
         pending = collections.deque()  # bounded: a pool's imap would queue every batch of the fit in memory
-        for step in range(steps):
+        for step in range(start, steps):
             pending.append(pool.apply_async(_render_fit_batch, ((seed, step, batch_size),)))
             if len(pending) > 2 * workers:
                 yield _fit_tensors(*pending.popleft().get())
@@ -238,7 +249,13 @@ def total_loss(terms: dict, weights: Weights) -> torch.Tensor:
 
 
 def fit(steps: int, batch_size: int, lr: float, weights: Weights, seed: int, network_path, init: str = "",
-        architecture: dict | None = None, device="cpu", workers: int = 0):
+        architecture: dict | None = None, device="cpu", workers: int = 0, state_path=None, checkpoint_every: int = 500,
+        identity: dict | None = None):
+    """The fitted generator (eval mode, frozen). With `state_path`, the fit saves its state there every
+    `checkpoint_every` steps, with `identity` (which fit it is) and the seconds spent so far, and when the
+    file exists continues from it: a killed fit loses at most that many steps and ends with the same
+    weights as one never stopped. run() checks that the file belongs to the same fit and removes it."""
+    started = time.perf_counter()
     from t2f.models.generator import build_generator, estimate_w_avg
 
     torch.manual_seed(seed)
@@ -266,8 +283,13 @@ def fit(steps: int, batch_size: int, lr: float, weights: Weights, seed: int, net
     # schedule (smoke tests) keeps a constant rate: OneCycleLR needs a few steps per phase.
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[lr, mapping_lr], total_steps=steps,
                                                    pct_start=max(0.05, 3 / steps)) if steps >= 20 else None
-    bar = tqdm(fit_batches(seed, batch_size, steps, workers), total=steps, desc="toy pretrain", dynamic_ncols=True)
-    for step, batch in enumerate(bar):
+    rng, start, seconds_before = np.random.default_rng(seed), 0, 0.0
+    if state_path and Path(state_path).is_file():
+        start, seconds_before = restore_fit_state(state_path, device, G, probe, optimizer, schedule, rng)
+        print(f"toy pretrain: resuming from step {start} of {steps} ({state_path})", flush=True)
+    batches = fit_batches(seed, batch_size, steps, workers, start, rng)
+    bar = tqdm(batches, initial=start, total=steps, desc="toy pretrain", dynamic_ncols=True)
+    for step, batch in enumerate(bar, start):
         terms = fit_losses(G, network, probe, *(t.to(device, non_blocking=True) for t in batch), weights)
         optimizer.zero_grad(set_to_none=True)
         total_loss(terms, weights).backward()
@@ -276,9 +298,44 @@ def fit(steps: int, batch_size: int, lr: float, weights: Weights, seed: int, net
             schedule.step()
         if step % 50 == 0:
             bar.set_postfix({name: f"{value.item():.4f}" for name, value in terms.items() if name not in ("pixel", "mse")})
+        if state_path and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            extra = {"fit": identity or {}, "seconds": seconds_before + time.perf_counter() - started}
+            save_fit_state(state_path, step + 1, G, probe, optimizer, schedule, rng, extra)
     G.eval()
     G.mapping.w_avg.copy_(estimate_w_avg(G.mapping))  # the truncation centre of the fitted mapping
     return G.requires_grad_(False)
+
+
+def save_fit_state(path, step: int, G, probe, optimizer, schedule, rng, extra: dict) -> None:
+    """Everything the fit needs to go on after `step` steps, written whole or not at all, plus `extra`
+    (which fit it is, the time spent so far)."""
+    state = {"step": step, "generator": G.state_dict(), "probe": probe.state_dict(), "optimizer": optimizer.state_dict(),
+             "schedule": schedule.state_dict() if schedule else None, "rng": json.dumps(rng.bit_generator.state), **extra}
+    tmp = Path(str(path) + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def read_fit_state(path, device="cpu") -> dict:
+    """The saved state (tensors only, no code: weights_only), or FitStateError saying why it is unreadable."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or not plain data: all mean "cannot resume from it"
+        raise FitStateError(f"{path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                         "delete it to start the fit over") from None
+
+
+def restore_fit_state(path, device, G, probe, optimizer, schedule, rng) -> tuple[int, float]:
+    """Load a saved fit into the live objects; returns the step to continue from and the seconds spent."""
+    state = read_fit_state(path, device)
+    G.load_state_dict(state["generator"])
+    probe.load_state_dict(state["probe"])
+    optimizer.load_state_dict(state["optimizer"])
+    if schedule:
+        schedule.load_state_dict(state["schedule"])
+    rng.bit_generator.state = json.loads(state["rng"])
+    return int(state["step"]), float(state.get("seconds", 0.0))
 
 
 @torch.no_grad()
@@ -331,6 +388,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--channel-base", type=int, default=ARCHITECTURE["channel_base"],
                         help="synthesis width (a new generator; a block at resolution r has min(base / r, max) channels)")
     parser.add_argument("--channel-max", type=int, default=ARCHITECTURE["channel_max"])
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="save the fit's state to OUT.fit-state.pt "
+                        "every N steps (0: never); the same command run again continues from it")
 
 
 def weights_of(args) -> Weights:
@@ -360,6 +419,8 @@ def architecture_of(args) -> dict:
 
 def refusal(args) -> str:
     """Why these arguments cannot run, in one line ("" when they can)."""
+    if args.checkpoint_every < 0:
+        return f"--checkpoint-every {args.checkpoint_every}: give a number of steps, or 0 to never save the fit's state"
     if args.workers < 0:
         return f"--workers {args.workers}: give 0 (render in this process) or a number of processes"
     if min(args.channel_base, args.channel_max) < 1:
@@ -375,24 +436,61 @@ def refusal(args) -> str:
     return ""
 
 
+def fit_identity(args) -> dict:
+    """What makes two runs the same fit, so that a saved state is only continued by the fit that wrote it
+    (not --out, --threads, --device or the number of workers: they do not change the faces or the steps)."""
+    return {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, **vars(weights_of(args)),
+            "seed": args.seed, "features": sha256(args.features), "init": sha256(args.init) if args.init else "",
+            "channel_base": args.channel_base, "channel_max": args.channel_max,
+            "faces": "one stream" if args.workers == 0 else "a seed per batch"}
+
+
+def resume_refusal(state_path: Path, identity: dict) -> str:
+    """Why the saved state at `state_path` cannot be continued by this fit ("" when it can, or there is none)."""
+    if not state_path.is_file():
+        return ""
+    try:
+        saved = read_fit_state(state_path).get("fit", {})
+    except FitStateError as err:
+        return str(err)
+    differ = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in identity.items() if saved.get(key) != value]
+    if differ:
+        return (f"{state_path} belongs to another fit ({'; '.join(differ)}): run that command again to finish it, "
+                "or delete the file (or pick another --out) to start this one")
+    return ""
+
+
 def run(args) -> int:
     import sys
 
-    from t2f.models.weights import save_generator
-    from t2f.toy.classifier import BACKBONE, READER, load_classifier
+    from t2f.rundir import RunDirError, RunLock
 
     if refusal(args):
         print(f"t2f toy pretrain: {refusal(args)}", file=sys.stderr)
         return 2
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    try:
-        G = fit(args.steps, args.batch_size, args.lr, weights_of(args), args.seed, args.features, args.init,
-                architecture_of(args), args.device, args.workers)
-    except JudgeRefused as err:
+    try:  # one fit per --out at a time: two would overwrite each other's state, weights and record
+        with RunLock(args.out, path=str(args.out) + ".lock", owner="toy pretrain", setting="--out"):
+            return fit_and_save(args)
+    except (RunDirError, JudgeRefused, FitStateError) as err:
         print(f"t2f toy pretrain: {err}", file=sys.stderr)
         return 2
-    minutes = round((time.perf_counter() - start) / 60, 1)
+
+
+def fit_and_save(args) -> int:
+    """The fit (continued from OUT.fit-state.pt when it belongs to this command), then OUT.safetensors, OUT.json
+    and OUT.fit.json; raises FitStateError when the saved state is not this fit's or unreadable."""
+    from t2f.models.weights import save_generator
+    from t2f.toy.classifier import BACKBONE, READER, load_classifier
+
+    state_path, identity = Path(str(args.out) + ".fit-state.pt"), fit_identity(args)
+    if resume_refusal(state_path, identity):
+        raise FitStateError(resume_refusal(state_path, identity))
+    seconds_before = float(read_fit_state(state_path).get("seconds", 0.0)) if state_path.is_file() else 0.0
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    G = fit(args.steps, args.batch_size, args.lr, weights_of(args), args.seed, args.features, args.init,
+            architecture_of(args), args.device, args.workers, state_path, args.checkpoint_every, identity)
+    minutes = round((seconds_before + time.perf_counter() - start) / 60, 1)
     weights, _ = save_generator(G, args.out)
     # Measured after the fit: the judge, the backbone and the demo's second reader read G(z) and render(z)
     # of held-out latents.
@@ -404,6 +502,7 @@ def run(args) -> int:
                   "minutes": minutes, "torch_threads": args.threads, "device": args.device, "workers": args.workers,
                   "held_out": report, "command": command_line(args)}
     Path(str(args.out) + ".fit.json").write_text(json.dumps(fit_record, indent=2) + "\n")
+    state_path.unlink(missing_ok=True)  # the fit is whole on disk now
     print(f"wrote {weights}; held out: L1 {report['l1']:.4f}, judge agreement {report['judge_agreement']['mean']:.3f} "
           f"(all attributes: {report['judge_agreement']['exact_match']:.3f})")
     return 0
