@@ -424,6 +424,9 @@ def refusal(args) -> str:
         return f"--checkpoint-every {args.checkpoint_every}: give a number of steps, or 0 to never save the fit's state"
     if args.workers < 0:
         return f"--workers {args.workers}: give 0 (render in this process) or a number of processes"
+    for flag, path in (("--features", args.features), ("--init", args.init)):
+        if path and not Path(path).is_file():
+            return f"{flag} {path}: no such file"
     if min(args.channel_base, args.channel_max) < 1:
         return f"--channel-base {args.channel_base} --channel-max {args.channel_max}: widths are positive channel counts"
     if args.init and architecture_of(args) != ARCHITECTURE:
