@@ -449,19 +449,18 @@ def fit_identity(args) -> dict:
             "faces": "one stream" if args.workers == 0 else "a seed per batch"}
 
 
-def resume_refusal(state_path: Path, identity: dict) -> str:
-    """Why the saved state at `state_path` cannot be continued by this fit ("" when it can, or there is none)."""
+def saved_fit_state(state_path: Path, identity: dict) -> dict:
+    """The saved state at `state_path` when this fit can continue it ({} when there is none); FitStateError
+    when it is unreadable or another fit's."""
     if not state_path.is_file():
-        return ""
-    try:
-        saved = read_fit_state(state_path).get("fit", {})
-    except FitStateError as err:
-        return str(err)
+        return {}
+    state = read_fit_state(state_path)
+    saved = state.get("fit", {})
     differ = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in identity.items() if saved.get(key) != value]
     if differ:
-        return (f"{state_path} belongs to another fit ({'; '.join(differ)}): run that command again to finish it, "
-                "or delete the file (or pick another --out) to start this one")
-    return ""
+        raise FitStateError(f"{state_path} belongs to another fit ({'; '.join(differ)}): run that command again to "
+                            "finish it, or delete the file (or pick another --out) to start this one")
+    return state
 
 
 def run(args) -> int:
@@ -469,8 +468,9 @@ def run(args) -> int:
 
     from t2f.rundir import RunDirError, RunLock
 
-    if refusal(args):
-        print(f"t2f toy pretrain: {refusal(args)}", file=sys.stderr)
+    why_not = refusal(args)
+    if why_not:
+        print(f"t2f toy pretrain: {why_not}", file=sys.stderr)
         return 2
     try:  # one fit per --out at a time: two would overwrite each other's state, weights and record
         with RunLock(args.out, path=str(args.out) + ".lock", owner="toy pretrain", setting="--out"):
@@ -487,9 +487,7 @@ def fit_and_save(args) -> int:
     from t2f.toy.classifier import BACKBONE, READER, load_classifier
 
     state_path, identity = Path(str(args.out) + ".fit-state.pt"), fit_identity(args)
-    if resume_refusal(state_path, identity):
-        raise FitStateError(resume_refusal(state_path, identity))
-    seconds_before = float(read_fit_state(state_path).get("seconds", 0.0)) if state_path.is_file() else 0.0
+    seconds_before = float(saved_fit_state(state_path, identity).get("seconds", 0.0))  # checked before the fit reads it
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     G = fit(args.steps, args.batch_size, args.lr, weights_of(args), args.seed, args.features, args.init,
