@@ -261,3 +261,21 @@ def test_latent_agreement_reads_z_with_the_worlds_own_map():
     assert latent_agreement(z, captions).all()  # each latent is exactly the face its caption names
     shuffled = latent_agreement(z[::-1], captions)
     assert shuffled.shape == (64, len(ATTRIBUTES)) and 0.4 < shuffled.mean() < 0.9  # unrelated faces: partly right
+
+
+def test_compiled_fit_step_computes_what_the_plain_one_does():
+    """`t2f toy pretrain --compile` runs the fit's losses through torch.compile'd mapping and synthesis:
+    the same loss terms and the same gradients on G's own parameters as the plain modules."""
+    batch = pretrain.make_fit_batch(np.random.default_rng(5), 4)
+    network, weights = load_classifier(BACKBONE), pretrain.Weights(region=4, probe=1)
+    grads, losses = [], []
+    for parts in (lambda G: G, pretrain.compiled_parts):
+        G = load_generator(SHIPPED).requires_grad_(True).train()
+        torch.manual_seed(0)
+        probe = torch.nn.Linear(G.w_dim, 30)
+        terms = pretrain.fit_losses(parts(G), network, probe, *batch, weights)
+        pretrain.total_loss(terms, weights).backward()
+        losses.append({name: value.item() for name, value in terms.items()})
+        grads.append(torch.cat([p.grad.flatten() for p in G.parameters()]))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert (grads[1] - grads[0]).norm() <= 1e-3 * grads[0].norm()

@@ -57,6 +57,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -251,11 +252,12 @@ def total_loss(terms: dict, weights: Weights) -> torch.Tensor:
 
 def fit(steps: int, batch_size: int, lr: float, weights: Weights, seed: int, network_path, init: str = "",
         architecture: dict | None = None, device="cpu", workers: int = 0, state_path=None, checkpoint_every: int = 500,
-        identity: dict | None = None):
+        identity: dict | None = None, compile: bool = False):
     """The fitted generator (eval mode, frozen). With `state_path`, the fit saves its state there every
     `checkpoint_every` steps, with `identity` (which fit it is) and the seconds spent so far, and when the
     file exists continues from it: a killed fit loses at most that many steps and ends with the same
-    weights as one never stopped. run() checks that the file belongs to the same fit and removes it."""
+    weights as one never stopped (with the same `compile`: compiled kernels round differently). run()
+    checks that the file belongs to the same fit and removes it."""
     started = time.perf_counter()
     from t2f.models.generator import build_generator, estimate_w_avg
 
@@ -288,10 +290,11 @@ def fit(steps: int, batch_size: int, lr: float, weights: Weights, seed: int, net
     if state_path and Path(state_path).is_file():
         start, seconds_before = restore_fit_state(state_path, device, G, probe, optimizer, schedule, rng)
         print(f"toy pretrain: resuming from step {start} of {steps} ({state_path})", flush=True)
+    trained = compiled_parts(G) if compile else G  # what the steps run: the same parameters either way
     batches = fit_batches(seed, batch_size, steps, workers, start, rng)
     bar = tqdm(batches, initial=start, total=steps, desc="toy pretrain", dynamic_ncols=True)
     for step, batch in enumerate(bar, start):
-        terms = fit_losses(G, network, probe, *(t.to(device, non_blocking=True) for t in batch), weights)
+        terms = fit_losses(trained, network, probe, *(t.to(device, non_blocking=True) for t in batch), weights)
         optimizer.zero_grad(set_to_none=True)
         total_loss(terms, weights).backward()
         optimizer.step()
@@ -305,6 +308,12 @@ def fit(steps: int, batch_size: int, lr: float, weights: Weights, seed: int, net
     G.eval()
     G.mapping.w_avg.copy_(estimate_w_avg(G.mapping))  # the truncation centre of the fitted mapping
     return G.requires_grad_(False)
+
+
+def compiled_parts(G) -> SimpleNamespace:
+    """G's mapping and synthesis through torch.compile, for fit_losses: they share G's parameters, and on
+    2 CPU cores a step of the shipped generator takes about half the time (elementwise work fused)."""
+    return SimpleNamespace(mapping=torch.compile(G.mapping), synthesis=torch.compile(G.synthesis))
 
 
 def save_fit_state(path, step: int, G, probe, optimizer, schedule, rng, extra: dict) -> None:
@@ -389,6 +398,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--channel-base", type=int, default=ARCHITECTURE["channel_base"],
                         help="synthesis width (a new generator; a block at resolution r has min(base / r, max) channels)")
     parser.add_argument("--channel-max", type=int, default=ARCHITECTURE["channel_max"])
+    parser.add_argument("--compile", action="store_true", help="run the fit's generator through torch.compile "
+                        "(needs a C compiler on the CPU; about 2x faster there after a minute of compiling)")
     parser.add_argument("--checkpoint-every", type=int, default=500, help="save the fit's state to OUT.fit-state.pt "
                         "every N steps (0: never); the same command run again continues from it")
 
@@ -411,7 +422,7 @@ def command_line(args) -> str:
                                  ("--device", args.device, "cpu"), ("--workers", args.workers, 0)):
         if value != default:
             line += f" {flag} {value}"
-    return line + (f" --init {args.init}" if args.init else "")
+    return line + (" --compile" if args.compile else "") + (f" --init {args.init}" if args.init else "")
 
 
 def architecture_of(args) -> dict:
@@ -491,7 +502,7 @@ def fit_and_save(args) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     G = fit(args.steps, args.batch_size, args.lr, weights_of(args), args.seed, args.features, args.init,
-            architecture_of(args), args.device, args.workers, state_path, args.checkpoint_every, identity)
+            architecture_of(args), args.device, args.workers, state_path, args.checkpoint_every, identity, args.compile)
     minutes = round((seconds_before + time.perf_counter() - start) / 60, 1)
     weights, _ = save_generator(G, args.out)
     # Measured after the fit: the judge, the backbone and the demo's second reader read G(z) and render(z)
@@ -502,6 +513,7 @@ def fit_and_save(args) -> int:
                   **{f"{name}_weight": value for name, value in vars(weights_of(args)).items()}, "seed": args.seed,
                   "feature_network": {"file": _shown(args.features), "sha256": sha256(args.features)},
                   "minutes": minutes, "torch_threads": args.threads, "device": args.device, "workers": args.workers,
+                  "compile": args.compile,
                   "held_out": report, "command": command_line(args)}
     Path(str(args.out) + ".fit.json").write_text(json.dumps(fit_record, indent=2) + "\n")
     state_path.unlink(missing_ok=True)  # the fit is whole on disk now
