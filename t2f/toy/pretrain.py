@@ -43,6 +43,8 @@ A fit saves its state to OUT.fit-state.pt every 500 steps (`--checkpoint-every`)
 command continues from there and ends with the weights of a fit never stopped; another command with
 the same --out is refused until that file is deleted, and so is a second fit while one holds OUT.lock.
 
+Faster fits: `--compile` runs the generator through torch.compile (3.8 -> 5.6 steps a second on 2 CPU
+cores, after about a minute of compiling; the renderer's 76 ms a batch is then half of a step).
 Bigger fits: `--channel-base/--channel-max` widen the synthesis (twice as wide: 0.171 against
 0.183 after 1500 steps, but 1.85x the time a step; in the same 11.7 min the shipped width reaches
 0.152 with 2800 steps), `--device cuda` trains on a GPU, and `--workers N`
