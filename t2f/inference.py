@@ -106,16 +106,18 @@ class Pipeline:
         chunks = [self.generator.synthesis(w.float(), noise_mode="const") for w in ws.split(batch_size)]
         return torch.cat(chunks).float().clamp(-1, 1)  # (B, 3, H, W)
 
-    def generate(self, captions: list[str], n: int = 1, seed: int = 0, truncation_psi: float = 1.0,
+    def generate(self, captions: list[str], n: int = 1, seed: int = 0, truncation_psi: float | None = None,
                  batch_size: int = 16, ca_noise: bool = True) -> torch.Tensor:
-        """(len(captions) * n, 3, H, W) in [-1, 1], caption-major: n samples of caption 0 first."""
+        """(len(captions) * n, 3, H, W) in [-1, 1], caption-major: n samples of caption 0 first.
+        truncation_psi None is the checkpoint's generator.truncation_psi, as `t2f generate` and `t2f serve` use."""
         if isinstance(captions, str):
             raise TypeError("generate() takes a list of captions, not one string")
         if not captions or n < 1:
             raise ValueError(f"need at least one caption and n >= 1 (got {len(captions)} captions, n={n})")
         s = self.encode(captions).repeat_interleave(n, dim=0)  # (C*n, S)
         seeds = [sample_seed(seed, j, k) for j in range(len(captions)) for k in range(n)]
-        return self.synthesize(self.latents(s, seeds, truncation_psi, ca_noise), batch_size)
+        psi = self.cfg.generator.truncation_psi if truncation_psi is None else truncation_psi
+        return self.synthesize(self.latents(s, seeds, psi, ca_noise), batch_size)
 
     # -- reading back
 
