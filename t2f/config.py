@@ -126,6 +126,10 @@ class TrainConfig:
     eval_every: int = 0  # 0 disables periodic evaluation
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
     ema_decay: float = 0.0  # EMA of the CA head + mapper used by samples/generate/eval; 0 = off
+    # Seconds a rank waits for the others in a collective before the run fails (a peer stuck but alive,
+    # or the link between nodes down); 0 = the backend's default (30 min gloo, 10 min NCCL). Must exceed
+    # the longest one-rank pause: a sample grid, a periodic evaluation, a checkpoint write.
+    dist_timeout_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ and exit 2, before the run directory is touched.
 
 import argparse
 import contextlib
+import datetime
 import math
 import os
 import sys
@@ -82,6 +83,9 @@ def check_data(cfg) -> dict:
         raise BadInput(f"data.shards: {err}") from None
     if not 0 <= cfg.data.max_bad_fraction <= 1:
         raise BadInput(f"data.max_bad_fraction must be between 0 and 1, got {cfg.data.max_bad_fraction}")
+    if not cfg.train.dist_timeout_s >= 0:  # NaN too
+        raise BadInput(f"train.dist_timeout_s must be 0 (the backend's default) or a number of seconds, "
+                       f"got {cfg.train.dist_timeout_s}")
     splits = manifest.get("splits", {})
     needed = [cfg.data.train_split] + ([cfg.data.eval_split] if cfg.train.sample_every or cfg.train.eval_every else [])
     for split in needed:
@@ -95,12 +99,15 @@ def make_accelerator(cfg, cpu: bool):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-    handlers = []
+    group = {}  # how the process group starts (InitProcessGroupKwargs); Accelerate's defaults otherwise
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and (cpu or not torch.cuda.is_available()):
         # Accelerate's cpu=True switches DeepSpeed off, and without CUDA it picks no backend and
         # counts one process. DeepSpeed's own CPU accelerator runs ZeRO over gloo when asked for it.
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        group["backend"] = "gloo"
         cpu = False
+    if cfg.train.dist_timeout_s:
+        group["timeout"] = datetime.timedelta(seconds=cfg.train.dist_timeout_s)
+    handlers = [InitProcessGroupKwargs(**group)] if group else []
     log_with = None if cfg.wandb.mode == "disabled" else "wandb"
     return Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
                        log_with=log_with, project_config=ProjectConfiguration(project_dir=cfg.train.run_dir),
@@ -233,6 +240,29 @@ def main(argv=None) -> int:
     except DataFaultError as err:  # every rank says it: each names its own bad shards
         print(f"t2f train: {err}", file=sys.stderr)
         return BAD_INPUT_EXIT_CODE
+    except RuntimeError as err:
+        if not is_peer_timeout(err):
+            raise
+        # One line instead of a gloo traceback (tqdm.write: on a line of its own, not after the progress
+        # bar); a failure status, so torchrun ends the other ranks and Slurm can requeue the job.
+        from tqdm import tqdm
+
+        tqdm.write(f"t2f train: rank {accelerator.process_index}: another rank did not answer within "
+                   f"{peer_timeout_s(cfg)} (stuck, or the link between nodes down); the run stops here and resumes "
+                   "from its last checkpoint when started again", file=sys.stderr)
+        return 1
+
+
+def is_peer_timeout(err: RuntimeError) -> bool:
+    """A collective gave up waiting for another rank. Gloo says "Timed out waiting ...ms for recv ..." in
+    the collective that waited, or "Application timeout caused pair closure" in the next one."""
+    text = str(err).lower()
+    return torch.distributed.is_initialized() and ("timed out" in text or "timeout" in text)
+
+
+def peer_timeout_s(cfg) -> str:
+    seconds = cfg.train.dist_timeout_s
+    return f"train.dist_timeout_s={seconds:g} s" if seconds else "the backend's default time-out (train.dist_timeout_s=0)"
 
 
 def train(cfg, args, accelerator, run_dir, parts, stop) -> int:

@@ -350,6 +350,7 @@ def test_the_ema_is_saved_resumed_exactly_and_lags_the_weights(tiny, tmp_path, m
     ["generator.checkpoint=/no/such/ffhq.pkl"],
     ["text.encoder=/no/such/encoder"],
     ["data.max_bad_fraction=3"],
+    ["train.dist_timeout_s=-5"],
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, capsys, bad):
     config = bad[1] if bad[0] == "--config" else "toy"

@@ -1,6 +1,8 @@
 """Two CPU processes under `accelerate launch` (gloo): DDP keeps the ranks in lock-step, and
-DeepSpeed ZeRO-2 trains like DDP: the same learning rate at every step, the same weights."""
+DeepSpeed ZeRO-2 trains like DDP: the same learning rate at every step, the same weights; a rank
+that stops answering ends the run after train.dist_timeout_s."""
 
+import contextlib
 import json
 import os
 import socket
@@ -91,3 +93,48 @@ def test_deepspeed_zero2_trains_on_cpu_and_its_checkpoint_resumes(tmp_path):
     assert steps == [1, 2, 3, 4]
     weights = load_file(str(latest_checkpoint(tmp_path / "run") / "t2f.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def _rank_of(pid: int) -> int:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in environ if v.startswith(b"RANK=")).split(b"=", 1)[1])
+
+
+@pytest.mark.slow
+def test_a_rank_stuck_but_alive_ends_the_run_after_dist_timeout_with_one_line(tmp_path):
+    """SIGSTOP one rank mid-run (alive, its connections open: no reset tells the others): the other
+    gives up after train.dist_timeout_s instead of gloo's 30 minutes, says so in one line, and the
+    launcher ends with a failure, so Slurm can requeue the job."""
+    import signal
+    import time
+
+    exit_dir = tmp_path / "exit"
+    exit_dir.mkdir()
+    overrides = tiny_overrides(tmp_path, tmp_path / "run", steps=100_000) + ["train.dist_timeout_s=15"]
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", str(free_port()), str(ROOT / "t2f" / "train.py"), "--cpu",
+           "--config", "toy", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), T2F_EXIT_DIR=str(exit_dir))
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, stuck = tmp_path / "run" / "metrics.jsonl", None
+    try:
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 3):  # both ranks are stepping
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()[-4000:]
+            time.sleep(0.5)
+        ranks = {_rank_of(int(f.stem)): int(f.stem) for f in exit_dir.glob("*.running")}
+        stuck = ranks[1]
+        os.kill(stuck, signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, err = launcher.communicate(timeout=240)
+        waited = time.monotonic() - stopped
+    finally:
+        if stuck is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stuck, signal.SIGKILL)
+        launcher.kill()
+    assert launcher.returncode != 0
+    said = [line for line in err.splitlines() if line.startswith("t2f train:")]
+    assert said == ["t2f train: rank 0: another rank did not answer within train.dist_timeout_s=15 s (stuck, or the "
+                    "link between nodes down); the run stops here and resumes from its last checkpoint when started again"], err[-4000:]
+    assert 15 <= waited < 15 + 90  # not gloo's default 30 min; torchrun then kills the stopped rank (SIGTERM, SIGKILL)
