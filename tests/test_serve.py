@@ -156,16 +156,15 @@ def test_read_back_with_attention_is_read_back_word_by_word(studio):
     assert ids == pipeline.model.recaptioner.greedy(images, max_len=6) and [len(a) for a in alphas] == [len(i) for i in ids]
 
 
-def test_pipeline_generate_defaults_to_the_checkpoints_truncation_as_the_cli_does(studio):
+def test_pipeline_generate_defaults_to_the_checkpoints_truncation_as_the_cli_does(studio, monkeypatch):
     """A Python user calling generate() without a psi gets the faces `t2f generate` draws (it used to be 1.0)."""
-    pipeline, saved = studio.pipeline, studio.pipeline.cfg.generator.truncation_psi
-    pipeline.cfg.generator.truncation_psi = 0.5
-    try:
-        default = pipeline.generate([CAPTION], n=2, seed=3)
-        assert torch.equal(default, pipeline.generate([CAPTION], n=2, seed=3, truncation_psi=0.5))
-        assert not torch.equal(default, pipeline.generate([CAPTION], n=2, seed=3, truncation_psi=1.0))
-    finally:
-        pipeline.cfg.generator.truncation_psi = saved
+    from dataclasses import replace
+
+    pipeline = studio.pipeline
+    monkeypatch.setattr(pipeline, "cfg", replace(pipeline.cfg, generator=replace(pipeline.cfg.generator, truncation_psi=0.5)))
+    default = pipeline.generate([CAPTION], n=2, seed=3)
+    assert torch.equal(default, pipeline.generate([CAPTION], n=2, seed=3, truncation_psi=0.5))
+    assert not torch.equal(default, pipeline.generate([CAPTION], n=2, seed=3, truncation_psi=1.0))
 
 
 def test_generate_attention_flag_writes_the_figure_of_the_first_face(run_dir, studio, tmp_path, capsys):
