@@ -79,6 +79,7 @@ def test_pretrain_refuses_the_judge_under_any_name(tmp_path, capsys):
 
 @pytest.mark.parametrize("arguments, says", [
     (["--workers", "-1"], "--workers -1"),
+    (["--threads", "-1"], "--threads -1"),
     (["--device", "gpu0"], "--device gpu0"),
     (["--channel-max", "0"], "widths are positive"),
     (["--features", "nowhere.safetensors"], "--features nowhere.safetensors: no such file"),

@@ -393,7 +393,8 @@ def add_arguments(parser) -> None:
                         "other than the judge (default: the recaptioner's backbone, seed 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", default="", help="start from this generator (continue a fit) instead of random weights")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster when the other core is busy)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, one per core; "
+                        "1 is faster when another process keeps a core busy)")
     parser.add_argument("--device", default="cpu", help="where the generator trains, e.g. cuda (rendering stays on the CPU)")
     parser.add_argument("--workers", type=int, default=0, help="render the batches in this many processes, ahead of the "
                         "step (0: in this process, the shipped fit's stream of faces)")
@@ -435,6 +436,8 @@ def refusal(args) -> str:
     """Why these arguments cannot run, in one line ("" when they can)."""
     if args.checkpoint_every < 0:
         return f"--checkpoint-every {args.checkpoint_every}: give a number of steps, or 0 to never save the fit's state"
+    if args.threads < 0:
+        return f"--threads {args.threads}: give a number of threads, or 0 for torch's default (one per core)"
     if args.workers < 0:
         return f"--workers {args.workers}: give 0 (render in this process) or a number of processes"
     for flag, path in (("--features", args.features), ("--init", args.init)):
@@ -501,7 +504,8 @@ def fit_and_save(args) -> int:
 
     state_path, identity = Path(str(args.out) + ".fit-state.pt"), fit_identity(args)
     seconds_before = float(saved_fit_state(state_path, identity).get("seconds", 0.0))  # checked before the fit reads it
-    torch.set_num_threads(args.threads)
+    if args.threads:  # the default (torch's own) used all of a big machine's cores; a fixed 2 did not
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     G = fit(args.steps, args.batch_size, args.lr, weights_of(args), args.seed, args.features, args.init,
             architecture_of(args), args.device, args.workers, state_path, args.checkpoint_every, identity, args.compile)
@@ -514,7 +518,7 @@ def fit_and_save(args) -> int:
     fit_record = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                   **{f"{name}_weight": value for name, value in vars(weights_of(args)).items()}, "seed": args.seed,
                   "feature_network": {"file": _shown(args.features), "sha256": sha256(args.features)},
-                  "minutes": minutes, "torch_threads": args.threads, "device": args.device, "workers": args.workers,
+                  "minutes": minutes, "torch_threads": torch.get_num_threads(), "device": args.device, "workers": args.workers,
                   "compile": args.compile,
                   "held_out": report, "command": command_line(args)}
     Path(str(args.out) + ".fit.json").write_text(json.dumps(fit_record, indent=2) + "\n")
