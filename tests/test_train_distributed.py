@@ -135,6 +135,7 @@ def test_a_rank_stuck_but_alive_ends_the_run_after_dist_timeout_with_one_line(tm
         launcher.kill()
     assert launcher.returncode != 0
     said = [line for line in err.splitlines() if line.startswith("t2f train:")]
-    assert said == ["t2f train: rank 0: another rank did not answer within train.dist_timeout_s=15 s (stuck, or the "
-                    "link between nodes down); the run stops here and resumes from its last checkpoint when started again"], err[-4000:]
+    expected = ("t2f train: rank 0: another rank did not answer within train.dist_timeout_s=15 s (stuck, or the link "
+                "between nodes down); the run stops here and resumes from its last checkpoint when started again")
+    assert said == [expected], err[-4000:]
     assert 15 <= waited < 15 + 90  # not gloo's default 30 min; torchrun then kills the stopped rank (SIGTERM, SIGKILL)
