@@ -26,12 +26,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(script, args, tmp_path, mode=("--multi_gpu",)):
+def two_process_command(script, args, mode=("--multi_gpu",)) -> list[str]:
     accelerate = Path(sys.executable).parent / "accelerate"
-    cmd = [str(accelerate), "launch", *mode, "--num_processes", "2", "--num_machines", "1",
-           "--main_process_port", str(free_port()), str(script), *args]
+    return [str(accelerate), "launch", *mode, "--num_processes", "2", "--num_machines", "1",
+            "--main_process_port", str(free_port()), str(script), *args]
+
+
+def accelerate_launch(script, args, tmp_path, mode=("--multi_gpu",)):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(two_process_command(script, args, mode), cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, f"accelerate launch failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
 
@@ -111,22 +115,22 @@ def test_a_rank_stuck_but_alive_ends_the_run_after_dist_timeout_with_one_line(tm
     exit_dir = tmp_path / "exit"
     exit_dir.mkdir()
     overrides = tiny_overrides(tmp_path, tmp_path / "run", steps=100_000) + ["train.dist_timeout_s=15"]
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--main_process_port", str(free_port()), str(ROOT / "t2f" / "train.py"), "--cpu",
-           "--config", "toy", *overrides]
+    cmd = two_process_command(ROOT / "t2f" / "train.py", ["--cpu", "--config", "toy", *overrides])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), T2F_EXIT_DIR=str(exit_dir))
-    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "stderr.log"  # a file, not a pipe: nobody reads it while the run goes on, and a full pipe blocks
+    with log.open("w") as stderr:
+        launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     metrics, stuck = tmp_path / "run" / "metrics.jsonl", None
     try:
         deadline = time.monotonic() + 300
         while not (metrics.exists() and metrics.read_text().count("\n") >= 3):  # both ranks are stepping
-            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()[-4000:]
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(0.5)
         ranks = {_rank_of(int(f.stem)): int(f.stem) for f in exit_dir.glob("*.running")}
         stuck = ranks[1]
         os.kill(stuck, signal.SIGSTOP)
         stopped = time.monotonic()
-        _, err = launcher.communicate(timeout=240)
+        launcher.wait(timeout=240)
         waited = time.monotonic() - stopped
     finally:
         if stuck is not None:
@@ -134,6 +138,7 @@ def test_a_rank_stuck_but_alive_ends_the_run_after_dist_timeout_with_one_line(tm
                 os.kill(stuck, signal.SIGKILL)
         launcher.kill()
     assert launcher.returncode != 0
+    err = log.read_text()
     said = [line for line in err.splitlines() if line.startswith("t2f train:")]
     expected = ("t2f train: rank 0: another rank did not answer within train.dist_timeout_s=15 s (stuck, or the link "
                 "between nodes down); the run stops here and resumes from its last checkpoint when started again")
