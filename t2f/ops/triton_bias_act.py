@@ -5,7 +5,8 @@ activation formulas exist once. Forward reads x once and writes y once, in place
 reference's chain of elementwise ops (add, act, mul, clamp), each a full read and write.
 Backward recomputes z = x + b and act(z) from the saved input rather than storing
 intermediates, applies the activation's derivative, the gain and the clamp mask (zero gradient
-where |output| reached the clamp, boundary included, as torch.clamp does) and writes dx; db is
+where |output| reached the clamp, boundary included: torch 2.14's clamp does the same on CPU, torch
+2.11's passed the gradient on the boundary on CUDA) and writes dx; db is
 a float32-accumulated sum of dx over every dimension but `dim` (torch's reduction: the frozen
 generator never asks for it).
 
@@ -26,12 +27,14 @@ first-order gradients flow through it to the mapper. A backward with create_grap
 a RuntimeError that says so, instead of silently returning a second derivative of zero.
 """
 
+import functools
+import math
+
 import torch
-import triton
 import triton.language as tl
 
 from t2f.ops.bias_act import bias_act_ref, resolve_params
-from t2f.ops.dispatch import KernelUnavailable, disable_triton, launch
+from t2f.ops.dispatch import KernelUnavailable, cdiv, disable_triton, launch, next_power_of_2
 
 TILE = 2048  # elements per program: enough work per thread to hide memory latency
 NUM_WARPS = 4
@@ -116,6 +119,10 @@ def memory_view(x: torch.Tensor, dim: int):
 
     Dense tensors of any dimension order are used in place; others are copied contiguous.
     """
+    if x.is_contiguous():  # the common layouts first: the general path below costs more than a launch
+        return x, math.prod(x.shape[:dim]), x.shape[dim], math.prod(x.shape[dim + 1 :])
+    if x.ndim == 4 and dim == 1 and x.is_contiguous(memory_format=torch.channels_last):
+        return x, x.numel() // max(x.shape[1], 1), x.shape[1], 1
     # size-1 dims have arbitrary strides and no bearing on the layout (except dim itself)
     by_stride = sorted((d for d in range(x.ndim) if x.shape[d] != 1 or d == dim), key=lambda d: -x.stride(d))
     expected, dense = 1, True
@@ -132,13 +139,21 @@ def memory_view(x: torch.Tensor, dim: int):
     return x, x.numel() // max(channels * inner, 1), channels, inner
 
 
-def _run_kernel(x, b, dy, out, dim, act, alpha, gain, clamp, backward):
-    x, outer, channels, inner = memory_view(x, dim)
+@functools.lru_cache(maxsize=1024)
+def tiling(channels: int, inner: int) -> tuple[int, int, int, int]:
+    """(BLOCK_C, BLOCK_I, channel blocks, inner blocks) for a (C, inner) slab; cached, like everything
+    on the launch path kept cheap: on an H200 a small layer's host time, not its kernel, set its speed."""
+    block_i = min(next_power_of_2(inner), TILE)
+    block_c = min(next_power_of_2(channels), TILE // block_i)
+    return block_c, block_i, cdiv(channels, block_c), cdiv(inner, block_i)
+
+
+def _run_kernel(view, b, dy, out, act, alpha, gain, clamp, backward):
+    """Launch on `view` = memory_view(x, dim): (dense x, outer, C, inner)."""
+    x, outer, channels, inner = view
     if channels * inner >= 2**31:
         raise ValueError(f"bias_act: {channels}x{inner} elements per outer index exceed the kernel's int32 offsets")
-    block_i = min(triton.next_power_of_2(inner), TILE)
-    block_c = min(triton.next_power_of_2(channels), TILE // block_i)
-    n_cblocks, n_iblocks = triton.cdiv(channels, block_c), triton.cdiv(inner, block_i)
+    block_c, block_i, n_cblocks, n_iblocks = tiling(channels, inner)
     launch(
         _bias_act_kernel, (outer * n_cblocks * n_iblocks,),
         x, x if b is None else b, x if dy is None else dy, out,
@@ -157,9 +172,10 @@ def _empty_like_dense(x: torch.Tensor) -> torch.Tensor:
 class _BiasAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b, dim, act, alpha, gain, clamp):
-        x = memory_view(x, dim)[0]
+        view = memory_view(x, dim)
+        x = view[0]
         y = _empty_like_dense(x)
-        _run_kernel(x, b, None, y, dim, act, alpha, gain, clamp, backward=False)
+        _run_kernel(view, b, None, y, act, alpha, gain, clamp, backward=False)
         ctx.save_for_backward(x, b)
         ctx.params = (dim, act, alpha, gain, clamp)
         return y
@@ -176,7 +192,7 @@ class _BiasAct(torch.autograd.Function):
         if dy.stride() != x.stride():  # the kernel indexes x, dy and dx with the same offsets
             dy = _empty_like_dense(x).copy_(dy)
         try:
-            dx = _run_kernel(x, b, dy, _empty_like_dense(x), dim, act, alpha, gain, clamp, backward=True)
+            dx = _run_kernel(memory_view(x, dim), b, dy, _empty_like_dense(x), act, alpha, gain, clamp, backward=True)
         except KernelUnavailable as error:
             disable_triton("bias_act", error)
             return _grads_via_reference(ctx, x, b, dy)

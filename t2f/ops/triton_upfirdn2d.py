@@ -22,10 +22,9 @@ for the filter: it is a fixed buffer in StyleGAN2.
 """
 
 import torch
-import triton
 import triton.language as tl
 
-from t2f.ops.dispatch import launch
+from t2f.ops.dispatch import cdiv, launch, next_power_of_2
 from t2f.ops.upfirdn2d import _pair, parse_padding
 
 TILE = 1024  # output pixels per program; each reads ceil(fh/up) * ceil(fw/up) input taps
@@ -108,13 +107,13 @@ def _round_up(value: int, multiple: int) -> int:
 def _tiles(channels, out_h, out_w, channels_fast):
     """(BLOCK_C, BLOCK_H, BLOCK_W) for a TILE-sized program, sized down for small images."""
     if channels_fast:
-        block_c = min(triton.next_power_of_2(channels), 64)
-        block_w = min(triton.next_power_of_2(out_w), TILE // block_c)
-        block_h = min(triton.next_power_of_2(out_h), TILE // (block_c * block_w))
+        block_c = min(next_power_of_2(channels), 64)
+        block_w = min(next_power_of_2(out_w), TILE // block_c)
+        block_h = min(next_power_of_2(out_h), TILE // (block_c * block_w))
     else:
-        block_w = min(triton.next_power_of_2(out_w), 64)
-        block_h = min(triton.next_power_of_2(out_h), TILE // block_w)
-        block_c = min(triton.next_power_of_2(channels), TILE // (block_w * block_h))
+        block_w = min(next_power_of_2(out_w), 64)
+        block_h = min(next_power_of_2(out_h), TILE // block_w)
+        block_c = min(next_power_of_2(channels), TILE // (block_w * block_h))
     return block_c, block_h, block_w
 
 
@@ -140,7 +139,7 @@ def _forward(x, f, up, down, padding, flip_filter, gain):
     if y.numel() == 0:
         return y
     block_c, block_h, block_w = _tiles(channels, out_h, out_w, channels_fast)
-    tiles_x, tiles_y, tiles_c = triton.cdiv(out_w, block_w), triton.cdiv(out_h, block_h), triton.cdiv(channels, block_c)
+    tiles_x, tiles_y, tiles_c = cdiv(out_w, block_w), cdiv(out_h, block_h), cdiv(channels, block_c)
     launch(
         _upfirdn2d_kernel, (batch * tiles_c * tiles_y * tiles_x,), x, f, y,
         channels, height, width, out_h, out_w, *x.stride(), *y.stride(),
