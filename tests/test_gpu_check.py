@@ -17,7 +17,8 @@ from t2f.models import benchmark as generator_benchmark
 from t2f.ops import benchmark as ops_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("cuda-grid", "bench-ops", "bench-gen", "bench-train-256", "bench-train-1024", "toy-shards", "toy-train")
+PARTS = ("cuda-grid", "bench-ops", "bench-ops-graphs", "bench-gen", "bench-train-256", "bench-train-1024", "toy-shards",
+         "toy-train")
 
 
 def test_without_a_gpu_it_says_so_checks_every_part_and_exits_0():
@@ -95,6 +96,8 @@ def test_benchmark_output_is_read_and_a_missed_target_fails(monkeypatch, capsys)
     met = ops.replace("| 1.00 | >= 3.0", "| 3.20 | >= 3.0").replace("| 1.00 | >= 1.5", "| 1.70 | >= 1.5")
     assert gpu_check.check_ops(met) == []
     assert gpu_check.check_ops(met + "\nWARNING: Triton was disabled in this process (x)") != []
+    assert gpu_check.check_ops_rows(ops) == []  # --cuda-graphs: reported, no target
+    assert gpu_check.check_ops_rows("") == ["no bias_act summary row", "no upfirdn2d summary row"]
     generator_benchmark.report(generator_benchmark.argparse.Namespace(**args), torch.device("cpu"))
     assert gpu_check.check_generator(capsys.readouterr().out) == ["fp16 fused synthesis 1.00x < target 1.3x"]
 
@@ -116,3 +119,18 @@ def test_bench_train_output_is_read():
     assert gpu_check.check_train(both) == []
     one = format_rows([("fp32 + reference", 0.4, float("nan"))])  # what --cpu-smoke prints
     assert gpu_check.check_train(one) == ["expected both generator modes' samples/s and peak GiB, found 0"]
+
+
+def test_the_toy_run_must_reach_joint_steps_and_its_losses_make_one_table(tmp_path):
+    import json
+
+    warmup = {"step": gpu_check.TOY_STEPS, "train/loss": 0.67, "train/recaptioner": 0.67, "train/gpu_mem_gb": 0.18}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(warmup) + "\n")
+    assert gpu_check.check_toy("", tmp_path) == [  # the first H200 run: 200 steps, all recaptioner warm-up
+        f"no joint step (train/trl) at step {gpu_check.TOY_STEPS}: the run never rendered through the generator"]
+    joint = {**warmup, "train/kl": 0.02, "train/trl": 0.9}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(warmup) + "\n" + json.dumps(joint) + "\n")
+    assert gpu_check.check_toy("", tmp_path) == []
+    header, rule, row = gpu_check.toy_losses(tmp_path).splitlines()
+    assert header == "| step | loss | kl | trl | recaptioner | gpu_mem_gb |"
+    assert rule == "|---" * 6 + "|" and row.startswith(f"| {gpu_check.TOY_STEPS} | 0.6700 | 0.0200 | 0.9000 |")

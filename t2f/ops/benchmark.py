@@ -9,7 +9,9 @@ input only, as for the frozen generator), and their ratio is printed. A summary 
 shape by how often one generator pass runs it and compares the totals to the targets
 (bias_act >= 3x, upfirdn2d >= 1.5x forward+backward). The table is Markdown, ready for
 docs/BENCHMARKS.md. Timing: CUDA events around each call, warm-up calls first (they include
-Triton's compilation), median of `--repeats`.
+Triton's compilation), median of `--repeats`. An eager call of a small layer is bound by the host's
+launch work, not the GPU; `--cuda-graphs` replays each call from a CUDA graph instead, which leaves
+the kernels' own time (what the fusion saves when the host runs ahead of the GPU).
 """
 
 import argparse
@@ -38,6 +40,20 @@ def cuda_median_ms(fn, warmup: int = 3, repeats: int = 20) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def cuda_graph_median_ms(fn, warmup: int = 3, repeats: int = 20) -> float:
+    """Median time of `fn()` replayed from a CUDA graph: its kernels, without the host's launch work."""
+    side = torch.cuda.Stream()  # warm-up (Triton's compilation, autograd's buffers) off the capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 1)):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return cuda_median_ms(graph.replay, warmup, repeats)
 
 
 def environment_line() -> str:
@@ -85,14 +101,15 @@ def _op_pair(op: str, label: str, channels: int, device):
             lambda x: triton_upfirdn2d.upfirdn2d(x, f, padding=1, gain=4))  # fmt: skip
 
 
-def time_layer(fn, x, warmup, repeats):
-    """(forward ms, forward+backward ms) of fn at input x."""
+def time_layer(fn, x, warmup, repeats, graphs=False):
+    """(forward ms, forward+backward ms) of fn at input x; `graphs`: replayed from a CUDA graph."""
+    timer = cuda_graph_median_ms if graphs else cuda_median_ms
     with torch.no_grad():
         y = fn(x)
-        fwd = cuda_median_ms(lambda: fn(x), warmup, repeats)
+        fwd = timer(lambda: fn(x), warmup, repeats)
     xg = x.detach().requires_grad_(True)
     dy = torch.randn_like(y)
-    both = cuda_median_ms(lambda: torch.autograd.grad(fn(xg), xg, dy), warmup, repeats)
+    both = timer(lambda: torch.autograd.grad(fn(xg), xg, dy), warmup, repeats)
     return fwd, both
 
 
@@ -105,8 +122,9 @@ def report(args, device) -> None:
     for op, label, shape, count in generator_layers(args.resolution, args.batch, args.channel_base, args.channel_max):
         x = torch.randn(shape, device=device, dtype=dtype)
         ref_fn, fused_fn = _op_pair(op, label, shape[1], device)
-        ref_fwd, ref_both = time_layer(ref_fn, x, args.warmup, args.repeats)
-        fused_fwd, fused_both = time_layer(fused_fn, x, args.warmup, args.repeats)
+        graphs = getattr(args, "cuda_graphs", False)
+        ref_fwd, ref_both = time_layer(ref_fn, x, args.warmup, args.repeats, graphs)
+        fused_fwd, fused_both = time_layer(fused_fn, x, args.warmup, args.repeats, graphs)
         row = totals.setdefault(op, [0.0] * 4)
         for i, value in enumerate((ref_fwd, fused_fwd, ref_both, fused_both)):
             row[i] += count * value
@@ -135,10 +153,13 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay each call from a CUDA graph: the kernels' time without the host's launch work")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         return no_gpu("t2f bench ops")
-    print(f"{environment_line()}; batch {args.batch}, {args.dtype}, median of {args.repeats}\n")
+    timing = "CUDA graph replay (kernel time)" if args.cuda_graphs else "eager calls (host launch included)"
+    print(f"{environment_line()}; batch {args.batch}, {args.dtype}, median of {args.repeats}, {timing}\n")
     report(args, torch.device("cuda"))
     return 0
 
