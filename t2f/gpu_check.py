@@ -1,6 +1,6 @@
 """`./launch gpu-check`: everything that needs a GPU, run once, as one Markdown report for docs/BENCHMARKS.md.
 
-    ./launch gpu-check                        # prints the report (8-minute budget; not yet run on a GPU)
+    ./launch gpu-check                        # prints the report (8-minute budget; about 4 min on an H200)
     ./launch gpu-check --out gpu-check.md     # also writes it to a file
     ./launch gpu-check --plan                 # what it would run, without running it
 
