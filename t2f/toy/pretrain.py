@@ -49,7 +49,10 @@ Bigger fits: `--channel-base/--channel-max` widen the synthesis (twice as wide: 
 0.183 after 1500 steps, but 1.85x the time a step; in the same 11.7 min the shipped width reaches
 0.152 with 2800 steps), `--device cuda` trains on a GPU, and `--workers N`
 renders the batches in N processes ahead of the step, which a GPU needs (the renderer takes 76 ms
-a batch of 32 on one core) and this 2-core machine does not (150 steps: 0.7 min either way).
+a batch of 32 on one core) and this 2-core machine does not (150 steps: 0.7 min either way). On an
+H200 with 16 cores, `--device cuda --workers 12` ran 1500 steps in 2.2 min, 25 to 27 steps a second
+once started, with about 7 of the 16 cores busy (docs/BENCHMARKS.md; where that pace is set was not
+measured).
 """
 
 import collections
