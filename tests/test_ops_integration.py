@@ -140,7 +140,7 @@ def test_ops_benchmark_report_runs(monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(ops_benchmark, "cuda_median_ms", _stand_in_timer)
     args = ops_benchmark.argparse.Namespace(batch=1, resolution=8, channel_base=64, channel_max=8, dtype="fp32",
-                                            warmup=0, repeats=1)  # fmt: skip
+                                            warmup=0, repeats=1, cuda_graphs=False)  # fmt: skip
     ops_benchmark.report(args, torch.device("cpu"))
     out = capsys.readouterr().out
     assert "| bias_act | lrelu, clamp 256 | 1x8x8x8 | 2 |" in out

@@ -122,9 +122,8 @@ def report(args, device) -> None:
     for op, label, shape, count in generator_layers(args.resolution, args.batch, args.channel_base, args.channel_max):
         x = torch.randn(shape, device=device, dtype=dtype)
         ref_fn, fused_fn = _op_pair(op, label, shape[1], device)
-        graphs = getattr(args, "cuda_graphs", False)
-        ref_fwd, ref_both = time_layer(ref_fn, x, args.warmup, args.repeats, graphs)
-        fused_fwd, fused_both = time_layer(fused_fn, x, args.warmup, args.repeats, graphs)
+        ref_fwd, ref_both = time_layer(ref_fn, x, args.warmup, args.repeats, args.cuda_graphs)
+        fused_fwd, fused_both = time_layer(fused_fn, x, args.warmup, args.repeats, args.cuda_graphs)
         row = totals.setdefault(op, [0.0] * 4)
         for i, value in enumerate((ref_fwd, fused_fwd, ref_both, fused_both)):
             row[i] += count * value
