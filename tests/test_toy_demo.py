@@ -13,8 +13,9 @@ from t2f.toy.captions import parse_caption
 from t2f.toy.classifier import BACKBONE, load_classifier
 
 SHIPPED = pretrain.ASSETS / "generator.safetensors"
-SHIPPED_AGREEMENT = 0.95  # the judge: measured 0.968 on 1000 held-out z (generator.fit.json)
-SHIPPED_L1 = 0.09  # mean |G(z) - render(z)| in [-1, 1]: measured 0.084 on those 1000
+# (file, least judge agreement, largest mean |G(z) - render(z)| in [-1, 1]) on 300 held-out z; each
+# generator.fit.json has the numbers on 1000: the demo's 0.968 / 0.084, the 56000-step fit's 0.993 / 0.0335
+SHIPPED_GENERATORS = [(SHIPPED, 0.95, 0.09), (pretrain.ASSETS / "generator-56k.safetensors", 0.98, 0.04)]
 
 
 def test_toy_shards_are_real_shards_with_features_and_attributes(tmp_path):
@@ -36,15 +37,16 @@ def test_toy_shards_are_real_shards_with_features_and_attributes(tmp_path):
     assert again["splits"] == manifest["splits"]  # deterministic: same shards, same checksums
 
 
-def test_shipped_generator_draws_the_attributes_of_its_latent():
-    G = load_generator(SHIPPED)
+@pytest.mark.parametrize("path, least_agreement, most_l1", SHIPPED_GENERATORS, ids=["demo", "56k"])
+def test_shipped_generator_draws_the_attributes_of_its_latent(path, least_agreement, most_l1):
+    G = load_generator(path)
     assert (G.img_resolution, G.z_dim) == (64, pretrain.ARCHITECTURE["z_dim"])
     agreement = pretrain.attribute_agreement(G, load_classifier().eval(), count=300)
-    assert agreement["mean"] >= SHIPPED_AGREEMENT, agreement
+    assert agreement["mean"] >= least_agreement, agreement
     z, renders, _ = pretrain.make_batch(np.random.default_rng(999), 300)  # the same held-out z
     with torch.no_grad():
         l1 = (G(z, noise_mode="const") - renders).abs().mean().item()
-    assert l1 <= SHIPPED_L1, f"the shipped generator's faces are {l1:.3f} (mean L1) from the renders"
+    assert l1 <= most_l1, f"{path.name}'s faces are {l1:.3f} (mean L1) from the renders"
 
 
 def test_pretrain_command_writes_a_loadable_generator_and_records_its_feature_network(tmp_path):
