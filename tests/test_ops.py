@@ -313,7 +313,6 @@ def test_t2f_ops_ref_forces_the_reference(monkeypatch):
     assert calls == []
 
 
-
 def test_launch_arithmetic_matches_tritons():
     import triton
 
