@@ -101,7 +101,7 @@ def _upfirdn2d_kernel(
 
 
 def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
+    return cdiv(value, multiple) * multiple
 
 
 def _tiles(channels, out_h, out_w, channels_fast):
