@@ -384,8 +384,8 @@ def _finish(accelerator, monitor, code: int) -> int:
 
 
 if __name__ == "__main__":
-    from t2f.exit_status import ignore_stop_signals, run
+    from t2f.exit_status import exit_process, ignore_stop_signals, run
 
     status = run(main)  # under ./launch: the status goes to the launcher, accelerate stays quiet
     ignore_stop_signals()  # the run is over: a stop signal resent now (train.sbatch does) must not kill the exit
-    sys.exit(status)
+    exit_process(status)

@@ -10,6 +10,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from t2f import train
+from t2f.exit_status import exit_process
 
 captured = {"lrs": []}
 make_optimizer, train_batches = train.make_optimizer, train.train_batches
@@ -37,4 +38,4 @@ if __name__ == "__main__":
     save_file(state, str(out / f"rank{rank}.safetensors"))
     record = {"batches": captured["batches"], "exit": code, "lrs": captured["lrs"]}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
-    sys.exit(code)
+    exit_process(code)  # as t2f/train.py ends

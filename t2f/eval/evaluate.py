@@ -311,4 +311,6 @@ def _recaptioner_only(pipeline, args, out, main_process) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from t2f.exit_status import exit_process
+
+    exit_process(main())  # under accelerate launch: no teardown abort after a finished evaluation
