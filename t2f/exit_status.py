@@ -72,8 +72,8 @@ def exit_process(status: int) -> NoReturn:
     skipped: with gloo's worker threads still alive, the teardown sometimes aborts the rank ("terminate
     called without an active exception", SIGABRT: a C++ thread ended or destroyed where it must not be)
     and torchrun then reports a run that finished as failed. CI saw it once in ~40 two-rank DeepSpeed
-    launches; two gloo ranks with a collective finishing as one exits did it in 4 of 8 runs on a busy
-    machine, none on a quiet one, none through this function."""
+    launches; two gloo ranks, one ending as a collective it joined late completes, did it in 14 of 14
+    runs here (tests/test_exit_status.py), and none of 40 runs of it and its variants ended through this function."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         sys.exit(status)
     for stream in (sys.stdout, sys.stderr):

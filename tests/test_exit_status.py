@@ -27,7 +27,7 @@ exit_process(75)
 '''
 
 # Two gloo ranks; rank 1 joins a collective late and ends as it completes. Ended by the interpreter's
-# teardown, rank 1 aborted in 8 of 8 runs here ("terminate called without an active exception").
+# teardown, rank 1 aborted in 14 of 14 runs here ("terminate called without an active exception").
 GLOO_RACE = '''
 import sys, time
 import torch, torch.distributed as dist
