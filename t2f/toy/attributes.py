@@ -17,7 +17,8 @@ numbers (the toy generator's z_dim) into a face. It first scales z to unit secon
 StyleGAN2's mapping network does with its input, so the map reads only what a generator can read:
 the old map read the raw z, whose length the mapping throws away, and 13% of faces changed an
 attribute when z was rescaled that way, an error no fit could remove. Then it thresholds fixed
-coordinates for the attributes, reads the hair from the angle of two coordinates (below) and pushes
+coordinates for the attributes (Bald too), reads the hair colour from the angle of two coordinates
+(below) and pushes
 further coordinates (LATENT_DIMS in all are read) through the normal CDF for the nuisance.
 
 `sample_face(rng)` is exactly that map applied to `rng.standard_normal(Z_DIM)`, so a generator
@@ -27,10 +28,15 @@ Pale_Skin 25%, Mouth_Slightly_Open 40%, Bald 15%, Black/Brown/Blond/Gray hair 25
 Wearing_Hat 21%, Bangs 30%, Beard 25%, Lipstick 30%.
 
 Hair is a direction, not a position on a line: the angle of (z[_Z_HAIR], z[_Z_HAIR_2]) is cut into
-sectors (bald, black, brown, blond, gray for men; black, brown, blond, gray for women; the angle of
-two independent normals is uniform, so the shares are those of the old bands), and every colour
-borders the average face, as a hair colour is a direction from the mean in a real generator's
-latent space. The first world cut one coordinate into bands: gray sat at the far end, behind
+sectors (black, brown, blond, gray; the angle of two independent normals is uniform, so the shares
+are those of the old bands), and every colour borders the average face, as a hair colour is a
+direction from the mean in a real generator's latent space. The sectors are the same for men and
+women, and baldness is a threshold on a coordinate of its own (30% of men). The previous world cut
+the angle by sex (bald took the first 30% of the turn for men, whose colours shared the rest), so a
+man's black hair lay where a woman's is brown: through the sharp 56000-step generator the text path
+put every held-out "man ... black hair" caption at a woman's black angle (drawn bald or gray, 30 of
+30), since one direction per colour could not serve both sexes and the sharp borders gave no
+gradient towards the other sector. The first world cut one coordinate into bands: gray sat at the far end, behind
 blond, and training never reached it (0 of 39 held-out gray captions drew gray hair; gradient
 descent on z through the generator and recaptioner, started from the CA head's z, reached gray
 for 0 of 16 captions, started in the blond band for 13).
@@ -51,7 +57,7 @@ HAIR = ("Black_Hair", "Brown_Hair", "Blond_Hair", "Gray_Hair", "Bald")
 # Share of each hair colour among faces that are not bald (order of HAIR[:4]).
 _HAIR_SHARES = (0.30, 0.25, 0.25, 0.20)
 _BALD_AMONG_MEN = 0.30
-# Latent coordinates that decide the attributes; nuisance uses the ones after them.
+# Latent coordinates that decide the attributes; nuisance uses the ones after them (Bald the one after those).
 _Z_MALE, _Z_HAIR, _Z_SMILE, _Z_GLASSES, _Z_HAT, _Z_FACIAL, _Z_OPEN, _Z_BANGS, _Z_PALE = range(9)
 _ATTRIBUTE_DIMS = 9
 
@@ -95,7 +101,8 @@ class Nuisance:
 
 
 _Z_HAIR_2 = _ATTRIBUTE_DIMS + Nuisance.size()  # the hair angle's second axis, after the nuisance coordinates
-LATENT_DIMS = _Z_HAIR_2 + 1
+_Z_BALD = _Z_HAIR_2 + 1
+LATENT_DIMS = _Z_BALD + 1
 Z_DIM = 32  # the world's latent, which is the toy generator's z; the coordinates after LATENT_DIMS only scale it
 
 
@@ -108,13 +115,9 @@ def _hair_angle(x: float, y: float) -> float:
     return (math.atan2(y, x) / (2 * math.pi)) % 1.0
 
 
-def _hair_from_uniform(u: float, male: bool) -> str:
-    """Bald takes the bottom of u for men; the rest of the range splits by _HAIR_SHARES (u is a
-    fraction of a turn, so the last colour borders the first)."""
-    if male:
-        if u < _BALD_AMONG_MEN:
-            return "Bald"
-        u = (u - _BALD_AMONG_MEN) / (1.0 - _BALD_AMONG_MEN)
+def _hair_from_uniform(u: float) -> str:
+    """The colour whose share of _HAIR_SHARES holds u (a fraction of a turn, so the last colour
+    borders the first); the same for men and women."""
     edge = 0.0
     for name, share in zip(HAIR, _HAIR_SHARES):
         edge += share
@@ -129,8 +132,8 @@ def params_from_latent(z) -> tuple[dict, Nuisance]:
     z is scaled to unit second moment first (StyleGAN2's mapping does the same), so z and 3 * z are
     the same face. Coordinates 0 and 2..8 decide Male, Smiling, Eyeglasses, Wearing_Hat, Beard/Lipstick,
     Mouth_Slightly_Open, Bangs, Pale_Skin by thresholds on their normal CDF; the angle of coordinates
-    1 and 25 decides the hair (incl. Bald); coordinates 9..24 become the Nuisance fields through the
-    normal CDF.
+    1 and 25 decides the hair colour, coordinate 26 whether a man is bald; coordinates 9..24 become the
+    Nuisance fields through the normal CDF.
     """
     z = np.asarray(z, dtype=np.float64).reshape(-1)
     if z.shape[0] != Z_DIM:
@@ -138,8 +141,8 @@ def params_from_latent(z) -> tuple[dict, Nuisance]:
     z = z / np.sqrt(np.mean(z * z) + 1e-8)  # as StyleGAN2's normalize_2nd_moment (same epsilon)
     u = [_normal_cdf(v) for v in z[:LATENT_DIMS]]
     male = u[_Z_MALE] >= 0.5
-    hair = _hair_from_uniform(_hair_angle(z[_Z_HAIR], z[_Z_HAIR_2]), male)
-    bald = hair == "Bald"
+    bald = male and u[_Z_BALD] < _BALD_AMONG_MEN
+    hair = "Bald" if bald else _hair_from_uniform(_hair_angle(z[_Z_HAIR], z[_Z_HAIR_2]))
     attrs = {name: False for name in ATTRIBUTES}
     attrs.update(
         Male=male,
