@@ -13,9 +13,10 @@ from t2f.toy.captions import parse_caption
 from t2f.toy.classifier import BACKBONE, load_classifier
 
 SHIPPED = pretrain.ASSETS / "generator.safetensors"
-# (file, least judge agreement, largest mean |G(z) - render(z)| in [-1, 1]) on 300 held-out z; each
-# generator.fit.json has the numbers on 1000: the demo's 0.968 / 0.084, the 56000-step fit's 0.993 / 0.0335
-SHIPPED_GENERATORS = [(SHIPPED, 0.95, 0.09), (pretrain.ASSETS / "generator-56k.safetensors", 0.98, 0.04)]
+# On 300 held-out z: the least judge agreement and the largest mean |G(z) - render(z)| (in [-1, 1]);
+# generator.fit.json has the numbers on 1000: 0.994 / 0.0321. (generator-56k, the previous world's fit
+# that the shipped one continued from, draws men's hair by that world's map: not tested here.)
+LEAST_AGREEMENT, MOST_L1 = 0.98, 0.04
 
 
 def test_toy_shards_are_real_shards_with_features_and_attributes(tmp_path):
@@ -37,16 +38,15 @@ def test_toy_shards_are_real_shards_with_features_and_attributes(tmp_path):
     assert again["splits"] == manifest["splits"]  # deterministic: same shards, same checksums
 
 
-@pytest.mark.parametrize("path, least_agreement, most_l1", SHIPPED_GENERATORS, ids=["demo", "56k"])
-def test_shipped_generator_draws_the_attributes_of_its_latent(path, least_agreement, most_l1):
-    G = load_generator(path)
+def test_shipped_generator_draws_the_attributes_of_its_latent():
+    G = load_generator(SHIPPED)
     assert (G.img_resolution, G.z_dim) == (64, pretrain.ARCHITECTURE["z_dim"])
     agreement = pretrain.attribute_agreement(G, load_classifier().eval(), count=300)
-    assert agreement["mean"] >= least_agreement, agreement
+    assert agreement["mean"] >= LEAST_AGREEMENT, agreement
     z, renders, _ = pretrain.make_batch(np.random.default_rng(999), 300)  # the same held-out z
     with torch.no_grad():
         l1 = (G(z, noise_mode="const") - renders).abs().mean().item()
-    assert l1 <= most_l1, f"{path.name}'s faces are {l1:.3f} (mean L1) from the renders"
+    assert l1 <= MOST_L1, f"the shipped generator's faces are {l1:.3f} (mean L1) from the renders"
 
 
 def test_pretrain_command_writes_a_loadable_generator_and_records_its_feature_network(tmp_path):

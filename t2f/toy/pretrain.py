@@ -25,29 +25,27 @@ generator.fit.json records the feature network's file and sha256 so anyone can c
 only measures the result afterwards, on held-out latents.
 
 The result is a pretrained generator whose latent space really holds the world's faces, as
-FFHQ's does for real faces. The shipped one (t2f/toy/assets/) is one run from random weights,
-69.3 min on 2 CPU cores (generator.fit.json records the command, time and held-out numbers):
-
-    t2f toy pretrain --out t2f/toy/assets/generator --steps 16000 --region-weight 4 --probe-weight 1 --seed 0
-
-On 1000 held-out latents: mean L1 0.084 from the renders, the judge reads the same attributes on
-both for 0.968 of them (all 14: 0.664), Smiling (0.87) and Mouth_Slightly_Open (0.91) the weakest.
-(The same command on the first world, whose hair was one band of one coordinate: 0.084 / 0.970.)
-The earlier three-stage recipe without probe or region weight reached 0.096 / 0.910 and drew no
-hats or glasses. Tried and not kept: continuing that recipe's fit with the new terms (its mapping
-recovers the lost coordinates only slowly), a squared-error term (`--mse-weight 2`, worse after
-2000 steps from scratch), continuing the shipped fit (the mapping alone or all of it), a 2-layer
-mapping and a mapping pre-fitted to the world's parameters (README, "How far to trust it").
-
-A longer fit of the same recipe ships beside it, t2f/toy/assets/generator-56k.* (about 179 min here with
---compile, stopped once after step 36000 and continued by the same command; its fit.json has it all):
+FFHQ's does for real faces. The shipped one (t2f/toy/assets/generator.*) was fitted in two runs of
+the same recipe. First 56000 steps from random weights on the previous world, whose hair sectors
+differed by sex (the map of commit 727182b; about 179 min here with --compile; kept as
+t2f/toy/assets/generator-56k.*, its fit.json has it all):
 
     t2f toy pretrain --out t2f/toy/assets/generator-56k --steps 56000 --region-weight 4 --probe-weight 1 --seed 0 --compile
 
-On the same 1000 latents: mean L1 0.0335, judge agreement 0.993 (all 14: 0.922), the backbone 0.995 and
-the demo's second reader 0.994. A long schedule beats a short one at equal steps (0.065 after 19000 of
-the 56000 against 0.084 at the end of 16000). The demo does not use it: trained through it, the text
-path misses hair colours (README, "How far to trust it").
+then 12000 steps on the current world, starting from it (about 37 min; generator.fit.json records it):
+
+    t2f toy pretrain --out t2f/toy/assets/generator --steps 12000 --region-weight 4 --probe-weight 1 --seed 0 --compile \
+        --init t2f/toy/assets/generator-56k.safetensors
+
+On 1000 held-out latents: mean L1 0.0321 from the renders, the judge reads the same attributes on
+both for 0.994 of them (all 14: 0.924). Shorter fits are blurrier: 0.084 / 0.968 after 16000 steps
+from scratch (the demo's generator until the world changed; the demo's text path learnt through
+it, but not through the sharp one on the previous world: README, "How far to trust it"), 0.065
+after 19000 of the 56000 (a long schedule beats a short one at equal steps).
+The earlier three-stage recipe without probe or region weight reached 0.096 / 0.910 and drew no
+hats or glasses. Tried and not kept: a squared-error term (`--mse-weight 2`, worse after 2000 steps
+from scratch), continuing the 16000-step fit (the mapping alone or all of it), a 2-layer mapping
+and a mapping pre-fitted to the world's parameters.
 
 A fit saves its state to OUT.fit-state.pt every 500 steps (`--checkpoint-every`): killed, the same
 command continues from there and ends with the weights of a fit never stopped; another command with
