@@ -18,8 +18,8 @@ StyleGAN2's mapping network does with its input, so the map reads only what a ge
 the old map read the raw z, whose length the mapping throws away, and 13% of faces changed an
 attribute when z was rescaled that way, an error no fit could remove. Then it thresholds fixed
 coordinates for the attributes (Bald too), reads the hair colour from the angle of two coordinates
-(below) and pushes
-further coordinates (LATENT_DIMS in all are read) through the normal CDF for the nuisance.
+(below) and pushes further coordinates (LATENT_DIMS in all are read) through the normal CDF for the
+nuisance.
 
 `sample_face(rng)` is exactly that map applied to `rng.standard_normal(Z_DIM)`, so a generator
 regressed onto `render(*params_from_latent(z))` sees the same distribution as the data. Marginals
@@ -36,10 +36,10 @@ the angle by sex (bald took the first 30% of the turn for men, whose colours sha
 man's black hair lay where a woman's is brown: through the sharp 56000-step generator the text path
 put every held-out "man ... black hair" caption at a woman's black angle (drawn bald or gray, 30 of
 30), since one direction per colour could not serve both sexes and the sharp borders gave no
-gradient towards the other sector. The first world cut one coordinate into bands: gray sat at the far end, behind
-blond, and training never reached it (0 of 39 held-out gray captions drew gray hair; gradient
-descent on z through the generator and recaptioner, started from the CA head's z, reached gray
-for 0 of 16 captions, started in the blond band for 13).
+gradient towards the other sector. The first world cut one coordinate into bands: gray sat at the
+far end, behind blond, and training never reached it (0 of 39 held-out gray captions drew gray hair;
+gradient descent on z through the generator and recaptioner, started from the CA head's z, reached
+gray for 0 of 16 captions, started in the blond band for 13).
 """
 
 import dataclasses
