@@ -2,12 +2,12 @@
 the interpreter's teardown, which with gloo's threads alive sometimes aborts a run that succeeded."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_train_distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,12 +62,6 @@ def test_a_single_process_ends_normally_teardown_included(tmp_path):
     result = run_script(tmp_path, TEARDOWN_ABORTS, world_size=1)
     assert result.returncode == -6  # the stand-in ran: sys.exit, as before
     assert result.stdout == "checkpoint written"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
